@@ -1,1 +1,117 @@
+//! shoald: the per-node daemon. containerd's registry mirror, with a verified blob store.
+//!
+//! # Layout
+//! - [`config`]: flags, environment and TOML file resolved into one checked [`Config`].
+//! - [`store`]: the content-addressed blob store on disk, with atomic completion and LRU
+//!   eviction under a cache size.
+//! - [`flight`]: one shared registry fetch per uncached blob, written into the store while
+//!   clients follow it.
+//! - [`body`]: response bodies of blobs (store, flight, registry) with Range offsets.
+//! - [`authz`]: asks the registry whether a client may read a blob before the cache serves it.
+//! - [`server`]: the HTTP front containerd talks to.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`containerd`]: `shoald configure-containerd`, which writes `hosts.toml`.
+#![forbid(unsafe_code)]
 
+pub mod authz;
+pub mod body;
+pub mod config;
+pub mod containerd;
+pub mod flight;
+pub mod metrics;
+pub mod server;
+pub mod store;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+pub use config::Config;
+
+/// How long a client may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long open connections get to finish at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// A daemon whose store is open and whose port is bound, ready to serve.
+pub struct Daemon {
+    app: Arc<server::App>,
+    listener: TcpListener,
+}
+
+impl Daemon {
+    /// Opens the store and binds the listen address.
+    pub async fn bind(config: &Config) -> anyhow::Result<Daemon> {
+        let store = store::Store::open(&config.data_dir, config.cache_size)
+            .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+        let upstream = shoal_registry_proxy::Upstream::new(&config.upstream)?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let app = Arc::new(server::App {
+            default_registry: config.default_registry.clone(),
+            upstream,
+            store,
+            flights: Default::default(),
+            authz: Default::default(),
+            metrics: Default::default(),
+        });
+        Ok(Daemon { app, listener })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` resolves, then gives open connections a short grace.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Daemon { app, listener } = self;
+        tracing::info!(addr = %listener.local_addr().map_or("?".into(), |a| a.to_string()), "shoald listening");
+        let mut connections = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Usually out of file descriptors: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            };
+            let _ = stream.set_nodelay(true);
+            let app = app.clone();
+            connections.spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let app = app.clone();
+                    async move { Ok::<_, Infallible>(server::handle(&app, req).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service);
+                if let Err(e) = conn.await {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            });
+        }
+        tracing::info!(open = connections.len(), "shutting down");
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        connections.shutdown().await;
+    }
+}

@@ -66,7 +66,9 @@ impl FromStr for BlobDigest {
         }
         // Uppercase hex is not canonical in OCI; accepting it would give one blob two names.
         if hex_part.len() != HEX_LEN
-            || !hex_part.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            || !hex_part
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
         {
             return Err(DigestError::BadHex);
         }
@@ -107,12 +109,21 @@ mod tests {
         let cases = [
             ("", DigestError::MissingAlgorithm),
             (hex64, DigestError::MissingAlgorithm),
-            ("sha512:abc", DigestError::UnsupportedAlgorithm("sha512".into())),
-            ("SHA256:abc", DigestError::UnsupportedAlgorithm("SHA256".into())),
+            (
+                "sha512:abc",
+                DigestError::UnsupportedAlgorithm("sha512".into()),
+            ),
+            (
+                "SHA256:abc",
+                DigestError::UnsupportedAlgorithm("SHA256".into()),
+            ),
             ("sha256:", DigestError::BadHex),
             ("sha256:abc", DigestError::BadHex),
             (&format!("sha256:{hex64}0"), DigestError::BadHex),
-            (&format!("sha256:{}", hex64.to_uppercase()), DigestError::BadHex),
+            (
+                &format!("sha256:{}", hex64.to_uppercase()),
+                DigestError::BadHex,
+            ),
             (&format!("sha256:{}/..", &hex64[..60]), DigestError::BadHex),
             ("sha256:../../../../etc/passwd", DigestError::BadHex),
             (&format!("sha256:{}é", &hex64[..63]), DigestError::BadHex),

@@ -42,7 +42,11 @@ pub struct OciError {
 
 impl OciError {
     pub fn new(status: StatusCode, code: OciErrorCode, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
     }
 
     /// The JSON body of the error.
@@ -60,7 +64,11 @@ mod tests {
 
     #[test]
     fn body_is_oci_shaped_and_escapes_message() {
-        let e = OciError::new(StatusCode::NOT_FOUND, OciErrorCode::NameInvalid, "bad \"name\"");
+        let e = OciError::new(
+            StatusCode::NOT_FOUND,
+            OciErrorCode::NameInvalid,
+            "bad \"name\"",
+        );
         let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
         assert_eq!(v["errors"][0]["code"], "NAME_INVALID");
         assert_eq!(v["errors"][0]["message"], "bad \"name\"");

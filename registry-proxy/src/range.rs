@@ -29,13 +29,18 @@ pub enum RangeError {
 impl ByteRange {
     /// Parses `header` for a blob of `len` bytes.
     pub fn parse(header: &str, len: u64) -> Result<Self, RangeError> {
-        let parsed = http_range_header::parse_range_header(header).map_err(|_| RangeError::Malformed)?;
-        let ranges: Vec<RangeInclusive<u64>> =
-            parsed.validate(len).map_err(|_| RangeError::Unsatisfiable { len })?;
+        let parsed =
+            http_range_header::parse_range_header(header).map_err(|_| RangeError::Malformed)?;
+        let ranges: Vec<RangeInclusive<u64>> = parsed
+            .validate(len)
+            .map_err(|_| RangeError::Unsatisfiable { len })?;
         match ranges.as_slice() {
             // The crate lets `bytes=0-` through for an empty blob; no range of it exists.
             [one] if *one.end() >= len => Err(RangeError::Unsatisfiable { len }),
-            [one] => Ok(Self { start: *one.start(), end_inclusive: *one.end() }),
+            [one] => Ok(Self {
+                start: *one.start(),
+                end_inclusive: *one.end(),
+            }),
             _ => Err(RangeError::Multiple),
         }
     }
@@ -66,7 +71,10 @@ mod tests {
     use super::*;
 
     fn r(start: u64, end_inclusive: u64) -> ByteRange {
-        ByteRange { start, end_inclusive }
+        ByteRange {
+            start,
+            end_inclusive,
+        }
     }
 
     #[test]
@@ -82,12 +90,30 @@ mod tests {
 
     #[test]
     fn rejects_what_cannot_be_served() {
-        assert_eq!(ByteRange::parse("bytes=10-", 10), Err(RangeError::Unsatisfiable { len: 10 }));
-        assert_eq!(ByteRange::parse("bytes=0-", 0), Err(RangeError::Unsatisfiable { len: 0 }));
-        assert_eq!(ByteRange::parse("bytes=5-2", 10), Err(RangeError::Unsatisfiable { len: 10 }));
-        assert_eq!(ByteRange::parse("bytes=0-1,3-4", 10), Err(RangeError::Multiple));
-        assert_eq!(ByteRange::parse("items=0-1", 10), Err(RangeError::Malformed));
-        assert_eq!(ByteRange::parse("bytes=abc", 10), Err(RangeError::Malformed));
+        assert_eq!(
+            ByteRange::parse("bytes=10-", 10),
+            Err(RangeError::Unsatisfiable { len: 10 })
+        );
+        assert_eq!(
+            ByteRange::parse("bytes=0-", 0),
+            Err(RangeError::Unsatisfiable { len: 0 })
+        );
+        assert_eq!(
+            ByteRange::parse("bytes=5-2", 10),
+            Err(RangeError::Unsatisfiable { len: 10 })
+        );
+        assert_eq!(
+            ByteRange::parse("bytes=0-1,3-4", 10),
+            Err(RangeError::Multiple)
+        );
+        assert_eq!(
+            ByteRange::parse("items=0-1", 10),
+            Err(RangeError::Malformed)
+        );
+        assert_eq!(
+            ByteRange::parse("bytes=abc", 10),
+            Err(RangeError::Malformed)
+        );
         assert_eq!(ByteRange::parse("", 10), Err(RangeError::Malformed));
         // Numbers that do not fit in u64 must not wrap around.
         assert_eq!(

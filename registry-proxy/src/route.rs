@@ -17,8 +17,10 @@ const MAX_NAME_LEN: usize = 255;
 const MAX_REGISTRY_LEN: usize = 255;
 
 static NAME_RE: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$")
-        .expect("static regex")
+    Regex::new(
+        r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$",
+    )
+    .expect("static regex")
 });
 static TAG_RE: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$").expect("static regex"));
@@ -33,9 +35,15 @@ pub enum Route {
     /// `GET|HEAD /v2/`: the API version check.
     Base,
     /// `/v2/<name>/manifests/<tag or digest>`.
-    Manifest { name: RepositoryName, reference: Reference },
+    Manifest {
+        name: RepositoryName,
+        reference: Reference,
+    },
     /// `/v2/<name>/blobs/<digest>`.
-    Blob { name: RepositoryName, digest: BlobDigest },
+    Blob {
+        name: RepositoryName,
+        digest: BlobDigest,
+    },
 }
 
 /// Why a path is not a request shoal serves.
@@ -70,8 +78,14 @@ impl Route {
         let (name, kind) = before_ref.rsplit_once('/').ok_or_else(unknown)?;
         let name: RepositoryName = name.parse()?;
         match kind {
-            "manifests" => Ok(Self::Manifest { name, reference: reference.parse()? }),
-            "blobs" => Ok(Self::Blob { name, digest: reference.parse()? }),
+            "manifests" => Ok(Self::Manifest {
+                name,
+                reference: reference.parse()?,
+            }),
+            "blobs" => Ok(Self::Blob {
+                name,
+                digest: reference.parse()?,
+            }),
             _ => Err(unknown()),
         }
     }
@@ -207,20 +221,25 @@ mod tests {
     #[test]
     fn parses_the_three_endpoints() {
         assert_eq!(Route::parse("/v2/").unwrap(), Route::Base);
-        let Route::Manifest { name, reference } = Route::parse("/v2/library/nginx/manifests/1.27").unwrap()
+        let Route::Manifest { name, reference } =
+            Route::parse("/v2/library/nginx/manifests/1.27").unwrap()
         else {
             panic!("not a manifest")
         };
         assert_eq!(name.as_str(), "library/nginx");
         assert_eq!(reference, Reference::Tag("1.27".into()));
-        let Route::Blob { name, digest } = Route::parse(&format!("/v2/a/b/c/blobs/{D}")).unwrap() else {
+        let Route::Blob { name, digest } = Route::parse(&format!("/v2/a/b/c/blobs/{D}")).unwrap()
+        else {
             panic!("not a blob")
         };
         assert_eq!(name.as_str(), "a/b/c");
         assert_eq!(digest.to_string(), D);
         assert!(matches!(
             Route::parse(&format!("/v2/x/manifests/{D}")).unwrap(),
-            Route::Manifest { reference: Reference::Digest(_), .. }
+            Route::Manifest {
+                reference: Reference::Digest(_),
+                ..
+            }
         ));
     }
 
@@ -247,14 +266,27 @@ mod tests {
         let long = format!("/v2/{}/manifests/latest", "a".repeat(256));
         assert!(matches!(Route::parse(&long), Err(RouteError::BadName(_))));
         let long_tag = format!("/v2/a/manifests/{}", "t".repeat(129));
-        assert!(matches!(Route::parse(&long_tag), Err(RouteError::BadTag(_))));
+        assert!(matches!(
+            Route::parse(&long_tag),
+            Err(RouteError::BadTag(_))
+        ));
     }
 
     #[test]
     fn rejects_bad_digests() {
-        for r in ["sha256:abc", "md5:0123", "sha512:00", &format!("{D}0"), &D.to_uppercase(), "sha256:"] {
+        for r in [
+            "sha256:abc",
+            "md5:0123",
+            "sha512:00",
+            &format!("{D}0"),
+            &D.to_uppercase(),
+            "sha256:",
+        ] {
             assert!(
-                matches!(Route::parse(&format!("/v2/a/blobs/{r}")), Err(RouteError::BadDigest(_))),
+                matches!(
+                    Route::parse(&format!("/v2/a/blobs/{r}")),
+                    Err(RouteError::BadDigest(_))
+                ),
                 "{r} accepted"
             );
         }
@@ -265,7 +297,9 @@ mod tests {
     fn registry_from_ns() {
         let r = Registry::from_query(Some("ns=docker.io")).unwrap().unwrap();
         assert_eq!(r.api_host(), "registry-1.docker.io");
-        let r = Registry::from_query(Some("x=1&ns=127.0.0.1%3A5000")).unwrap().unwrap();
+        let r = Registry::from_query(Some("x=1&ns=127.0.0.1%3A5000"))
+            .unwrap()
+            .unwrap();
         assert_eq!(r.as_str(), "127.0.0.1:5000");
         assert_eq!(Registry::from_query(Some("x=1")).unwrap(), None);
         assert_eq!(Registry::from_query(None).unwrap(), None);

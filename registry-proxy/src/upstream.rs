@@ -53,13 +53,19 @@ impl Default for UpstreamConfig {
 pub enum UpstreamError {
     /// A CA file given for a registry is not valid PEM.
     #[error("CA certificate for registry {registry} is not valid PEM: {source}")]
-    BadCa { registry: Registry, source: reqwest::Error },
+    BadCa {
+        registry: Registry,
+        source: reqwest::Error,
+    },
     /// The client could not be built (TLS backend failure).
     #[error("cannot build the HTTP client: {0}")]
     Client(reqwest::Error),
     /// Connecting, or sending the request, failed.
     #[error("request to registry {registry} failed: {source}")]
-    Request { registry: Registry, source: reqwest::Error },
+    Request {
+        registry: Registry,
+        source: reqwest::Error,
+    },
     /// No response headers within the deadline.
     #[error("registry {registry} sent no response within {after:?}")]
     HeaderTimeout { registry: Registry, after: Duration },
@@ -102,7 +108,10 @@ impl ForwardHeaders {
 
     /// The same headers without `Range`.
     pub fn without_range(&self) -> Self {
-        Self { range: None, ..self.clone() }
+        Self {
+            range: None,
+            ..self.clone()
+        }
     }
 }
 
@@ -127,9 +136,15 @@ impl Upstream {
         let shared = builder().build().map_err(UpstreamError::Client)?;
         let mut with_ca = HashMap::new();
         for (registry, pem) in &config.ca_pem {
-            let cert = reqwest::Certificate::from_pem(pem)
-                .map_err(|source| UpstreamError::BadCa { registry: registry.clone(), source })?;
-            let client = builder().add_root_certificate(cert).build().map_err(UpstreamError::Client)?;
+            let cert =
+                reqwest::Certificate::from_pem(pem).map_err(|source| UpstreamError::BadCa {
+                    registry: registry.clone(),
+                    source,
+                })?;
+            let client = builder()
+                .add_root_certificate(cert)
+                .build()
+                .map_err(UpstreamError::Client)?;
             with_ca.insert(registry.clone(), client);
         }
         Ok(Self {
@@ -143,7 +158,11 @@ impl Upstream {
 
     /// The URL of `path_and_query` (starting with `/v2/`) on `registry`.
     pub fn url(&self, registry: &Registry, path_and_query: &str) -> String {
-        let scheme = if self.insecure.contains(registry) { "http" } else { "https" };
+        let scheme = if self.insecure.contains(registry) {
+            "http"
+        } else {
+            "https"
+        };
         format!("{scheme}://{}{path_and_query}", registry.api_host())
     }
 
@@ -156,7 +175,9 @@ impl Upstream {
         path_and_query: &str,
         headers: &ForwardHeaders,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let first = self.send_once(method.clone(), registry, path_and_query, headers).await;
+        let first = self
+            .send_once(method.clone(), registry, path_and_query, headers)
+            .await;
         let retry = match &first {
             Ok(resp) => is_retryable(resp.status()),
             Err(UpstreamError::Request { source, .. }) => source.is_connect(),
@@ -167,7 +188,8 @@ impl Upstream {
         }
         tracing::debug!(%registry, path_and_query, "retrying registry request once");
         tokio::time::sleep(RETRY_PAUSE).await;
-        self.send_once(method, registry, path_and_query, headers).await
+        self.send_once(method, registry, path_and_query, headers)
+            .await
     }
 
     async fn send_once(
@@ -190,14 +212,23 @@ impl Upstream {
         }
         match tokio::time::timeout(self.header_timeout, req.send()).await {
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(source)) => Err(UpstreamError::Request { registry: registry.clone(), source }),
-            Err(_) => Err(UpstreamError::HeaderTimeout { registry: registry.clone(), after: self.header_timeout }),
+            Ok(Err(source)) => Err(UpstreamError::Request {
+                registry: registry.clone(),
+                source,
+            }),
+            Err(_) => Err(UpstreamError::HeaderTimeout {
+                registry: registry.clone(),
+                after: self.header_timeout,
+            }),
         }
     }
 
     /// The next chunk of a response body, or `None` at its end; fails when no chunk arrives
     /// within the stall deadline.
-    pub async fn next_chunk(&self, resp: &mut reqwest::Response) -> Result<Option<Bytes>, UpstreamError> {
+    pub async fn next_chunk(
+        &self,
+        resp: &mut reqwest::Response,
+    ) -> Result<Option<Bytes>, UpstreamError> {
         match tokio::time::timeout(self.stall_timeout, resp.chunk()).await {
             Ok(chunk) => chunk.map_err(UpstreamError::Body),
             Err(_) => Err(UpstreamError::Stalled(self.stall_timeout)),
@@ -262,13 +293,18 @@ mod tests {
     }
 
     fn auth() -> ForwardHeaders {
-        ForwardHeaders { authorization: Some(HeaderValue::from_static("Bearer secret")), ..Default::default() }
+        ForwardHeaders {
+            authorization: Some(HeaderValue::from_static("Bearer secret")),
+            ..Default::default()
+        }
     }
 
     #[tokio::test]
     async fn authorization_is_not_sent_across_a_redirect_to_another_host() {
-        let (storage, storage_seen) =
-            serve(1, |_| "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok".into()).await;
+        let (storage, storage_seen) = serve(1, |_| {
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok".into()
+        })
+        .await;
         let target = format!("http://{storage}/blob");
         let (registry, registry_seen) = serve(1, move |_| {
             format!("HTTP/1.1 307 Temporary Redirect\r\nlocation: {target}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
@@ -276,13 +312,23 @@ mod tests {
         .await;
         let upstream = insecure(&[&registry]);
         let reg: Registry = registry.parse().unwrap();
-        let mut resp = upstream.send(Method::GET, &reg, "/v2/a/blobs/x", &auth()).await.unwrap();
+        let mut resp = upstream
+            .send(Method::GET, &reg, "/v2/a/blobs/x", &auth())
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(upstream.next_chunk(&mut resp).await.unwrap().unwrap(), "ok");
         let to_registry = &registry_seen.await.unwrap()[0];
         let to_storage = &storage_seen.await.unwrap()[0];
-        assert!(to_registry.to_lowercase().contains("authorization: bearer secret"));
-        assert!(!to_storage.to_lowercase().contains("authorization"), "{to_storage}");
+        assert!(
+            to_registry
+                .to_lowercase()
+                .contains("authorization: bearer secret")
+        );
+        assert!(
+            !to_storage.to_lowercase().contains("authorization"),
+            "{to_storage}"
+        );
     }
 
     #[tokio::test]
@@ -291,14 +337,18 @@ mod tests {
         let c = count.clone();
         let (addr, seen) = serve(2, move |_| {
             if c.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
-                "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into()
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    .into()
             } else {
                 "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into()
             }
         })
         .await;
         let upstream = insecure(&[&addr]);
-        let resp = upstream.send(Method::HEAD, &addr.parse().unwrap(), "/v2/", &auth()).await.unwrap();
+        let resp = upstream
+            .send(Method::HEAD, &addr.parse().unwrap(), "/v2/", &auth())
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(seen.await.unwrap().len(), 2);
     }
@@ -311,11 +361,16 @@ mod tests {
             let (mut sock, _) = listener.accept().await.unwrap();
             let mut buf = [0u8; 4096];
             let _ = sock.read(&mut buf).await.unwrap();
-            sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc").await.unwrap();
+            sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc")
+                .await
+                .unwrap();
             tokio::time::sleep(Duration::from_secs(3)).await;
         });
         let upstream = insecure(&[&addr]);
-        let mut resp = upstream.send(Method::GET, &addr.parse().unwrap(), "/v2/", &auth()).await.unwrap();
+        let mut resp = upstream
+            .send(Method::GET, &addr.parse().unwrap(), "/v2/", &auth())
+            .await
+            .unwrap();
         let started = std::time::Instant::now();
         let mut result = Ok(None);
         for _ in 0..10 {
@@ -324,7 +379,10 @@ mod tests {
                 break;
             }
         }
-        assert!(matches!(result, Err(UpstreamError::Stalled(_))), "{result:?}");
+        assert!(
+            matches!(result, Err(UpstreamError::Stalled(_))),
+            "{result:?}"
+        );
         assert!(started.elapsed() < Duration::from_secs(2));
         server.abort();
     }
@@ -332,7 +390,13 @@ mod tests {
     #[test]
     fn url_scheme_follows_insecure_list() {
         let u = insecure(&["localhost:5000"]);
-        assert_eq!(u.url(&"localhost:5000".parse().unwrap(), "/v2/"), "http://localhost:5000/v2/");
-        assert_eq!(u.url(&"docker.io".parse().unwrap(), "/v2/"), "https://registry-1.docker.io/v2/");
+        assert_eq!(
+            u.url(&"localhost:5000".parse().unwrap(), "/v2/"),
+            "http://localhost:5000/v2/"
+        );
+        assert_eq!(
+            u.url(&"docker.io".parse().unwrap(), "/v2/"),
+            "https://registry-1.docker.io/v2/"
+        );
     }
 }

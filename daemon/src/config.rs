@@ -1,0 +1,312 @@
+//! shoald's configuration: flags, environment and a TOML file feed one resolved [`Config`],
+//! checked completely before any port is bound.
+//!
+//! Precedence: flag or environment variable, then the `--config` file, then the default.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+use shoal_registry_proxy::{Registry, UpstreamConfig};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:65001";
+const DEFAULT_DATA_DIR: &str = "/var/lib/shoal";
+const DEFAULT_CACHE_SIZE: &str = "20GiB";
+const DEFAULT_REGISTRY: &str = "docker.io";
+const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
+const DEFAULT_HEADER_TIMEOUT: &str = "20s";
+const DEFAULT_STALL_TIMEOUT: &str = "20s";
+
+/// Flags of `shoald` (serving). Every flag is also an environment variable.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServeArgs {
+    /// Address containerd reaches shoald on (its hosts.toml mirror) [default: 127.0.0.1:65001]
+    #[arg(long, env = "SHOAL_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+
+    /// Directory of the blob store; complete blobs survive restarts [default: /var/lib/shoal]
+    #[arg(long, env = "SHOAL_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Most bytes the store keeps; least recently used blobs are evicted beyond it
+    /// (e.g. 512MiB, 20GiB) [default: 20GiB]
+    #[arg(long, env = "SHOAL_CACHE_SIZE", value_name = "SIZE")]
+    pub cache_size: Option<String>,
+
+    /// Talk plain HTTP, not HTTPS, to this registry (repeatable; HOST[:PORT])
+    #[arg(
+        long = "insecure-registry",
+        env = "SHOAL_INSECURE_REGISTRIES",
+        value_delimiter = ',',
+        value_name = "HOST[:PORT]"
+    )]
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
+
+    /// Trust the PEM CA certificate in FILE for this registry (repeatable)
+    #[arg(
+        long = "registry-ca",
+        env = "SHOAL_REGISTRY_CAS",
+        value_delimiter = ',',
+        value_name = "HOST=FILE"
+    )]
+    #[serde(default)]
+    pub registry_cas: Vec<String>,
+
+    /// Registry for requests that carry no `ns=` parameter [default: docker.io]
+    #[arg(long, env = "SHOAL_DEFAULT_REGISTRY", value_name = "HOST")]
+    pub default_registry: Option<String>,
+
+    /// Deadline for connecting to a registry [default: 5s]
+    #[arg(long, env = "SHOAL_CONNECT_TIMEOUT", value_name = "DURATION")]
+    pub connect_timeout: Option<String>,
+
+    /// Deadline for a registry's response headers; past it containerd gets a 504 and falls
+    /// back to the registry itself [default: 20s]
+    #[arg(long, env = "SHOAL_HEADER_TIMEOUT", value_name = "DURATION")]
+    pub header_timeout: Option<String>,
+
+    /// Longest pause in a registry's body before shoald gives up on it; a client whose bytes
+    /// stall this long has its connection closed, so containerd retries [default: 20s]
+    #[arg(long, env = "SHOAL_STALL_TIMEOUT", value_name = "DURATION")]
+    pub stall_timeout: Option<String>,
+}
+
+/// The resolved configuration: every value checked and present.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub cache_size: u64,
+    pub default_registry: Registry,
+    pub upstream: UpstreamConfig,
+}
+
+/// Every problem found in the configuration, reported together.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl ServeArgs {
+    /// Fills what the flags left unset from `file`.
+    fn or(self, file: ServeArgs) -> ServeArgs {
+        ServeArgs {
+            listen: self.listen.or(file.listen),
+            data_dir: self.data_dir.or(file.data_dir),
+            cache_size: self.cache_size.or(file.cache_size),
+            insecure_registries: or_vec(self.insecure_registries, file.insecure_registries),
+            registry_cas: or_vec(self.registry_cas, file.registry_cas),
+            default_registry: self.default_registry.or(file.default_registry),
+            connect_timeout: self.connect_timeout.or(file.connect_timeout),
+            header_timeout: self.header_timeout.or(file.header_timeout),
+            stall_timeout: self.stall_timeout.or(file.stall_timeout),
+        }
+    }
+}
+
+fn or_vec(a: Vec<String>, b: Vec<String>) -> Vec<String> {
+    if a.is_empty() { b } else { a }
+}
+
+impl Config {
+    /// Resolves flags (and the TOML file at `config_file`, if given) into a checked config.
+    pub fn resolve(args: ServeArgs, config_file: Option<&Path>) -> Result<Config, ConfigErrors> {
+        let mut errors = Vec::new();
+        let args = match config_file {
+            None => args,
+            Some(path) => match read_file(path) {
+                Ok(file) => args.or(file),
+                Err(e) => {
+                    errors.push(e);
+                    args
+                }
+            },
+        };
+
+        let listen = check(
+            &mut errors,
+            args.listen.as_deref().unwrap_or(DEFAULT_LISTEN),
+            |s| {
+                s.parse::<SocketAddr>()
+                    .map_err(|e| format!("--listen {s:?}: {e} (expected IP:PORT)"))
+            },
+        );
+        let data_dir = args
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let cache_size = check(
+            &mut errors,
+            args.cache_size.as_deref().unwrap_or(DEFAULT_CACHE_SIZE),
+            |s| {
+                s.parse::<ByteSize>()
+                    .map(|b| b.as_u64())
+                    .map_err(|e| format!("--cache-size {s:?}: {e} (expected e.g. 512MiB or 20GiB)"))
+            },
+        );
+        let default_registry = check(
+            &mut errors,
+            args.default_registry.as_deref().unwrap_or(DEFAULT_REGISTRY),
+            |s| {
+                s.parse::<Registry>()
+                    .map_err(|e| format!("--default-registry: {e}"))
+            },
+        );
+        let insecure: HashSet<Registry> = args
+            .insecure_registries
+            .iter()
+            .filter_map(|s| {
+                check(&mut errors, s, |s| {
+                    s.parse().map_err(|e| format!("--insecure-registry: {e}"))
+                })
+            })
+            .collect();
+        let ca_pem: HashMap<Registry, Vec<u8>> = args
+            .registry_cas
+            .iter()
+            .filter_map(|s| check(&mut errors, s, parse_registry_ca))
+            .collect();
+        let mut duration = |flag: &str, value: Option<String>, default: &str| {
+            let value = value.unwrap_or_else(|| default.to_owned());
+            check(&mut errors, &value, |s| {
+                humantime::parse_duration(s)
+                    .map_err(|e| format!("--{flag} {s:?}: {e} (expected e.g. 5s or 500ms)"))
+            })
+        };
+        let connect_timeout = duration(
+            "connect-timeout",
+            args.connect_timeout,
+            DEFAULT_CONNECT_TIMEOUT,
+        );
+        let header_timeout = duration(
+            "header-timeout",
+            args.header_timeout,
+            DEFAULT_HEADER_TIMEOUT,
+        );
+        let stall_timeout = duration("stall-timeout", args.stall_timeout, DEFAULT_STALL_TIMEOUT);
+
+        match (
+            listen,
+            cache_size,
+            default_registry,
+            connect_timeout,
+            header_timeout,
+            stall_timeout,
+        ) {
+            (Some(listen), Some(cache_size), Some(default_registry), Some(c), Some(h), Some(s))
+                if errors.is_empty() =>
+            {
+                let upstream = UpstreamConfig {
+                    insecure,
+                    ca_pem,
+                    connect_timeout: c,
+                    header_timeout: h,
+                    stall_timeout: s,
+                };
+                Ok(Config {
+                    listen,
+                    data_dir,
+                    cache_size,
+                    default_registry,
+                    upstream,
+                })
+            }
+            _ => Err(ConfigErrors(errors)),
+        }
+    }
+}
+
+fn check<T>(
+    errors: &mut Vec<String>,
+    value: &str,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Option<T> {
+    parse(value).map_err(|e| errors.push(e)).ok()
+}
+
+fn parse_registry_ca(s: &str) -> Result<(Registry, Vec<u8>), String> {
+    let (host, file) = s
+        .split_once('=')
+        .ok_or_else(|| format!("--registry-ca {s:?}: expected HOST=FILE"))?;
+    let registry = host
+        .parse::<Registry>()
+        .map_err(|e| format!("--registry-ca: {e}"))?;
+    let pem = std::fs::read(file)
+        .map_err(|e| format!("--registry-ca {host}: cannot read {file}: {e}"))?;
+    Ok((registry, pem))
+}
+
+fn read_file(path: &Path) -> Result<ServeArgs, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("--config {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("--config {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn defaults_resolve() {
+        let c = Config::resolve(ServeArgs::default(), None).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.cache_size, 20 * 1024 * 1024 * 1024);
+        assert_eq!(c.default_registry.as_str(), "docker.io");
+        assert_eq!(c.upstream.stall_timeout, Duration::from_secs(20));
+    }
+
+    #[test]
+    fn reports_every_error_at_once() {
+        let args = ServeArgs {
+            listen: Some("nowhere".into()),
+            cache_size: Some("lots".into()),
+            insecure_registries: vec!["bad/host".into()],
+            registry_cas: vec!["x.io=/nonexistent/ca.pem".into(), "noequals".into()],
+            stall_timeout: Some("forever".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(args, None).unwrap_err();
+        assert_eq!(err.0.len(), 6, "{err}");
+        let text = err.to_string();
+        for needle in [
+            "--listen",
+            "--cache-size",
+            "--insecure-registry",
+            "/nonexistent/ca.pem",
+            "HOST=FILE",
+            "--stall-timeout",
+        ] {
+            assert!(text.contains(needle), "{needle} missing in {text}");
+        }
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("shoald.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:7000\"\ncache-size = \"1GiB\"\ninsecure-registries = [\"localhost:5000\"]\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            listen: Some("127.0.0.1:8000".into()),
+            ..Default::default()
+        };
+        let c = Config::resolve(args, Some(&file)).unwrap();
+        assert_eq!(c.listen.port(), 8000);
+        assert_eq!(c.cache_size, 1 << 30);
+        assert!(
+            c.upstream
+                .insecure
+                .contains(&"localhost:5000".parse().unwrap())
+        );
+
+        std::fs::write(&file, "lisen = \"typo\"\n").unwrap();
+        let err = Config::resolve(ServeArgs::default(), Some(&file)).unwrap_err();
+        assert!(err.to_string().contains("lisen"), "{err}");
+    }
+}

@@ -1,0 +1,163 @@
+//! Prometheus metrics of shoald, served on `/metrics`.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// What a request asked for.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum RequestKind {
+    Base,
+    Manifest,
+    Blob,
+    Other,
+}
+
+/// Where the bytes of a blob came from.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Source {
+    /// A complete blob in the store.
+    Store,
+    /// Fetched from the registry for this request (alone or shared with others).
+    Registry,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Store => "store",
+            Self::Registry => "registry",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    kind: RequestKind,
+    status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: Source,
+}
+
+/// All of shoald's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    blob_bytes_served: Family<SourceLabels, Counter>,
+    registry_bytes_fetched: Counter,
+    store_hits: Counter,
+    store_misses: Counter,
+    store_bytes: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut m = Metrics {
+            registry: Registry::with_prefix("shoald"),
+            requests: Family::default(),
+            blob_bytes_served: Family::default(),
+            registry_bytes_fetched: Counter::default(),
+            store_hits: Counter::default(),
+            store_misses: Counter::default(),
+            store_bytes: Gauge::default(),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "requests",
+            "Requests from clients, by kind and answer status",
+            m.requests.clone(),
+        );
+        r.register(
+            "blob_bytes_served",
+            "Blob bytes sent to clients, by source",
+            m.blob_bytes_served.clone(),
+        );
+        r.register(
+            "registry_bytes_fetched",
+            "Blob bytes fetched from registries",
+            m.registry_bytes_fetched.clone(),
+        );
+        r.register(
+            "store_hits",
+            "Blob requests served from a complete blob in the store",
+            m.store_hits.clone(),
+        );
+        r.register(
+            "store_misses",
+            "Blob requests the store could not serve",
+            m.store_misses.clone(),
+        );
+        r.register(
+            "store_bytes",
+            "Bytes held by the blob store",
+            m.store_bytes.clone(),
+        );
+        m
+    }
+}
+
+impl Metrics {
+    pub fn request(&self, kind: RequestKind, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels { kind, status })
+            .inc();
+    }
+
+    pub fn served(&self, source: Source, bytes: u64) {
+        self.blob_bytes_served
+            .get_or_create(&SourceLabels { source })
+            .inc_by(bytes);
+    }
+
+    pub fn fetched(&self, bytes: u64) {
+        self.registry_bytes_fetched.inc_by(bytes);
+    }
+
+    pub fn store_hit(&self) {
+        self.store_hits.inc();
+    }
+
+    pub fn store_miss(&self) {
+        self.store_misses.inc();
+    }
+
+    /// The text exposition, with the store size as of now.
+    pub fn encode(&self, store_bytes: u64) -> String {
+        self.store_bytes
+            .set(i64::try_from(store_bytes).unwrap_or(i64::MAX));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposes_the_named_series() {
+        let m = Metrics::default();
+        m.request(RequestKind::Blob, 200);
+        m.served(Source::Store, 42);
+        m.fetched(7);
+        m.store_hit();
+        let text = m.encode(1234);
+        for line in [
+            "shoald_requests_total{kind=\"Blob\",status=\"200\"} 1",
+            "shoald_blob_bytes_served_total{source=\"Store\"} 42",
+            "shoald_registry_bytes_fetched_total 7",
+            "shoald_store_hits_total 1",
+            "shoald_store_bytes 1234",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+    }
+}
