@@ -1,1 +1,32 @@
-fn main() {}
+//! `shoal`: demo and benchmarks of the shoal image distribution system.
+
+use clap::{Parser, Subcommand};
+
+/// shoal: peer-to-peer container image distribution. This tool shows and measures it.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start an embedded registry and a shoald in front of it, pull a generated image through
+    /// shoald twice as containerd does, and show where the bytes came from
+    Demo(shoal::demo::DemoArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    match cli.command {
+        Command::Demo(args) => shoal::demo::run(&args).await,
+    }
+}

@@ -1,0 +1,15 @@
+//! The `shoal` tool's library: test images, an embedded origin registry, and a client that
+//! pulls through a mirror as containerd does. The demo, the end-to-end tests and the
+//! benches share it.
+//!
+//! # Layout
+//! - [`image`]: builds OCI images in memory (plain and gzip layers, config, manifest).
+//! - [`registry`]: pushes images to a registry; pulls through a mirror checking digests.
+//! - [`origin`]: an in-memory registry serving one image, counting the bytes it sends.
+//! - [`demo`]: `shoal demo`, the main job on one machine.
+#![forbid(unsafe_code)]
+
+pub mod demo;
+pub mod image;
+pub mod origin;
+pub mod registry;
