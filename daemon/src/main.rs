@@ -21,7 +21,7 @@ struct Cli {
 
     /// TOML file with any of the flags below (kebab-case keys, e.g. cache-size = "20GiB");
     /// flags and environment variables win over it
-    #[arg(long, env = "SHOAL_CONFIG", value_name = "FILE", global = true)]
+    #[arg(long, env = "SHOAL_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
 
     #[command(flatten)]
