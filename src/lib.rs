@@ -7,9 +7,13 @@
 //! - [`registry`]: pushes images to a registry; pulls through a mirror checking digests.
 //! - [`origin`]: an in-memory registry serving one image, counting the bytes it sends.
 //! - [`demo`]: `shoal demo`, the main job on one machine.
+//! - [`testbed`]: real registry, containerd and shoald processes for tests and benches.
+//! - [`bench`]: `shoal bench mirror`, shoald's speed against a direct registry GET.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod demo;
 pub mod image;
 pub mod origin;
 pub mod registry;
+pub mod testbed;

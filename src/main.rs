@@ -15,6 +15,16 @@ enum Command {
     /// Start an embedded registry and a shoald in front of it, pull a generated image through
     /// shoald twice as containerd does, and show where the bytes came from
     Demo(shoal::demo::DemoArgs),
+    /// Measure shoal against raw figures taken in the same run
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// shoald as a mirror vs direct GETs from docker-registry: throughput, latency, memory
+    /// (needs docker-registry and a built shoald next to this binary)
+    Mirror(shoal::bench::MirrorBenchArgs),
 }
 
 #[tokio::main]
@@ -28,5 +38,6 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Demo(args) => shoal::demo::run(&args).await,
+        Command::Bench(Bench::Mirror(args)) => shoal::bench::mirror(&args).await,
     }
 }

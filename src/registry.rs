@@ -42,7 +42,8 @@ pub async fn push(
     Ok(())
 }
 
-async fn push_blob(
+/// Uploads one blob (monolithic upload).
+pub async fn push_blob(
     client: &reqwest::Client,
     base: &str,
     repo: &str,

@@ -198,7 +198,7 @@ async fn wait_for_bytes(
 ) -> Result<u64, FlightFailure> {
     loop {
         match &*state.borrow_and_update() {
-            FlightState::Complete => return Ok(total),
+            FlightState::Verified => return Ok(total),
             // The last byte waits for the digest check.
             FlightState::Running { written } if (*written).min(total - 1) > pos => {
                 return Ok((*written).min(total - 1));
@@ -208,7 +208,7 @@ async fn wait_for_bytes(
         }
         if state.changed().await.is_err() {
             // The fetch task ended without a final word: treat it as broken off.
-            if *state.borrow() == FlightState::Complete {
+            if *state.borrow() == FlightState::Verified {
                 return Ok(total);
             }
             return Err(FlightFailure::Interrupted("fetch task ended".into()));

@@ -5,7 +5,7 @@
 //! that streams the blob from the registry into a partial file in the store, hashing as it
 //! goes. Every request for that digest (the first included) follows the flight by reading
 //! the partial file up to what has been written. Only after the sha256 matches is the blob
-//! committed to the store and the flight [`FlightState::Complete`]; a mismatch discards it.
+//! [`FlightState::Verified`] and committed to the store; a mismatch discards it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,8 +34,9 @@ pub enum FlightState {
     Connecting,
     /// The first `written` bytes are in the partial file.
     Running { written: u64 },
-    /// Verified and in the store.
-    Complete,
+    /// Every byte written and the sha256 checked. Readers may send the whole blob; the
+    /// commit to the store (sync and rename) follows and does not hold them up.
+    Verified,
     /// Given up; readers that already answered finish from the registry on their own.
     Failed(FlightFailure),
 }
@@ -231,23 +232,17 @@ impl FetchTask {
             tx.send_replace(FlightState::Failed(FlightFailure::DigestMismatch));
             return;
         }
+        tx.send_replace(FlightState::Verified);
         let partial = writer.partial;
         match tokio::task::spawn_blocking(move || partial.commit()).await {
             Ok(Ok(())) => {
                 tracing::debug!(digest = %req.digest, bytes = req.len, elapsed = ?started.elapsed(), "blob stored");
-                tx.send_replace(FlightState::Complete);
             }
             Ok(Err(e)) => {
                 let e = store.io_error(e);
-                tracing::warn!(digest = %req.digest, error = %e, "could not commit a verified blob");
-                // The bytes are verified and readers hold the file: let them finish.
-                tx.send_replace(FlightState::Complete);
+                tracing::warn!(digest = %req.digest, error = %e, "could not commit a verified blob to the store");
             }
-            Err(e) => {
-                tx.send_replace(FlightState::Failed(FlightFailure::Interrupted(
-                    e.to_string(),
-                )));
-            }
+            Err(e) => tracing::warn!(digest = %req.digest, error = %e, "commit task failed"),
         }
     }
 }

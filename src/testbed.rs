@@ -1,0 +1,359 @@
+//! Real parts for end-to-end tests and benchmarks: the CNCF registry (`docker-registry`),
+//! containerd with `ctr`, and the `shoald` binary, each a child process on loopback with its
+//! own directory. A missing tool fails loudly: run `scripts/install-test-deps.sh`.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use shoal_proto::BlobDigest;
+
+/// Generous bound for anything that should take seconds: it only catches hangs.
+pub const HANG: Duration = Duration::from_secs(300);
+
+/// The path of a tool the tests need, or a loud failure that says how to get it.
+pub fn tool(name: &str) -> PathBuf {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file());
+    found.unwrap_or_else(|| {
+        panic!("`{name}` is not installed; run scripts/install-test-deps.sh (as root)")
+    })
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `ready` until it holds, failing after `within`.
+pub fn wait_until(what: &str, within: Duration, mut ready: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !ready() {
+        assert!(
+            started.elapsed() < within,
+            "{what} not ready after {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn http_ok(url: &str) -> bool {
+    reqwest::blocking::Client::new()
+        .get(url)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .is_ok_and(|r| r.status().is_success() || r.status() == 401)
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The real CNCF registry.
+pub struct Registry {
+    pub addr: String,
+    log: PathBuf,
+    _proc: Proc,
+}
+
+impl Registry {
+    /// Starts `docker-registry` in `dir`; with `users`, behind htpasswd basic auth.
+    pub fn start(dir: &Path, users: &[(&str, &str)]) -> Registry {
+        let bin = tool("docker-registry");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let storage = dir.join("registry");
+        let mut auth = String::new();
+        if !users.is_empty() {
+            let htpasswd = dir.join("htpasswd");
+            let mut lines = String::new();
+            for (user, password) in users {
+                let out = Command::new(tool("htpasswd"))
+                    .args(["-Bbn", user, password])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "htpasswd failed");
+                lines.push_str(String::from_utf8(out.stdout).unwrap().trim());
+                lines.push('\n');
+            }
+            std::fs::write(&htpasswd, lines).unwrap();
+            auth = format!(
+                "auth: {{htpasswd: {{realm: shoal-test, path: {}}}}}\n",
+                htpasswd.display()
+            );
+        }
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog: {{level: info, accesslog: {{disabled: false}}}}\n\
+                 storage: {{filesystem: {{rootdirectory: {}}}, delete: {{enabled: true}}}}\n\
+                 http: {{addr: {addr}}}\n{auth}",
+                storage.display()
+            ),
+        )
+        .unwrap();
+        let log = dir.join("registry.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin)
+            .args(["serve", config.to_str().unwrap()])
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("docker-registry starts");
+        let proc = Proc(child);
+        wait_until("docker-registry", Duration::from_secs(20), || {
+            http_ok(&format!("http://{addr}/v2/"))
+        });
+        Registry {
+            addr,
+            log,
+            _proc: proc,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// How many blob GETs for `digest` the registry answered with a body (access log).
+    pub fn blob_gets(&self, digest: &BlobDigest) -> usize {
+        let needle = format!("/blobs/{digest}");
+        std::fs::read_to_string(&self.log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"GET ") && l.contains(&needle))
+            .filter(|l| l.contains("HTTP/1.1\" 200 ") || l.contains("HTTP/1.1\" 206 "))
+            .count()
+    }
+
+    /// Every blob GET the registry answered with a body.
+    pub fn all_blob_gets(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"GET ") && l.contains("/blobs/sha256:"))
+            .filter(|l| l.contains("HTTP/1.1\" 200 ") || l.contains("HTTP/1.1\" 206 "))
+            .count()
+    }
+}
+
+/// The `shoald` binary built from this workspace: next to the running executable, or one
+/// level up (where test binaries live).
+pub fn shoald_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap();
+    let candidates = [dir.join("shoald"), dir.parent().unwrap().join("shoald")];
+    let found = candidates.iter().find(|p| p.is_file()).cloned();
+    found.unwrap_or_else(|| {
+        panic!(
+            "shoald is not built next to {}: run cargo build --workspace --bins",
+            exe.display()
+        )
+    })
+}
+
+/// A running shoald.
+pub struct Shoald {
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    proc: Proc,
+}
+
+impl Shoald {
+    /// Starts shoald with its store in `data_dir` and the extra `args`.
+    pub fn start(data_dir: &Path, args: &[&str]) -> Shoald {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let log = data_dir.with_extension("log");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(shoald_bin())
+            .args(["--listen", &addr, "--data-dir", data_dir.to_str().unwrap()])
+            .args(args)
+            .env("SHOAL_LOG", "info")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("shoald starts");
+        let proc = Proc(child);
+        wait_until("shoald", Duration::from_secs(20), || {
+            http_ok(&format!("http://{addr}/healthz"))
+        });
+        Shoald {
+            addr,
+            data_dir: data_dir.to_owned(),
+            log,
+            proc,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(self) {
+        drop(self.proc);
+    }
+
+    /// The process id, to read its memory use from /proc.
+    pub fn pid(&self) -> u32 {
+        self.proc.0.id()
+    }
+
+    pub fn metrics(&self) -> String {
+        reqwest::blocking::get(format!("{}/metrics", self.url()))
+            .unwrap()
+            .text()
+            .unwrap()
+    }
+
+    /// Checks that every complete blob in the store hashes to its name; returns how many.
+    pub fn verify_store(data_dir: &Path) -> usize {
+        let dir = data_dir.join("blobs/sha256");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().into_string().unwrap();
+            let bytes = std::fs::read(entry.path()).unwrap();
+            assert_eq!(
+                BlobDigest::of(&bytes).hex(),
+                name,
+                "store holds a corrupt blob"
+            );
+            n += 1;
+        }
+        n
+    }
+}
+
+/// containerd with its own root, state and socket, and `ctr` to drive it.
+pub struct Containerd {
+    pub socket: PathBuf,
+    _proc: Proc,
+}
+
+impl Containerd {
+    pub fn start(dir: &Path) -> Containerd {
+        std::fs::create_dir_all(dir).unwrap();
+        let config = dir.join("containerd.toml");
+        std::fs::write(
+            &config,
+            "version = 2\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n",
+        )
+        .unwrap();
+        let socket = dir.join("c.sock");
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Command::new(tool("containerd"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--root")
+            .arg(dir.join("root"))
+            .arg("--state")
+            .arg(dir.join("state"))
+            .arg("--address")
+            .arg(&socket)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("containerd starts");
+        let proc = Proc(child);
+        let c = Containerd {
+            socket,
+            _proc: proc,
+        };
+        wait_until("containerd", Duration::from_secs(30), || {
+            c.ctr_output(&["version"]).0
+        });
+        c
+    }
+
+    /// Runs `ctr --address SOCKET args…` (bounded by [`HANG`]): (success, stdout + stderr).
+    pub fn ctr_output(&self, args: &[&str]) -> (bool, String) {
+        let mut child = Command::new(tool("ctr"))
+            .arg("--address")
+            .arg(&self.socket)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ctr runs");
+        let started = Instant::now();
+        loop {
+            if let Some(_status) = child.try_wait().unwrap() {
+                let out = child.wait_with_output().unwrap();
+                let text = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                return (out.status.success(), text);
+            }
+            if started.elapsed() > HANG {
+                let _ = child.kill();
+                panic!("ctr {args:?} hung for {HANG:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `ctr images pull` through the hosts.toml files in `hosts_dir`; panics on failure.
+    pub fn pull(&self, hosts_dir: &Path, image: &str, user: Option<&str>) -> String {
+        let mut args = vec!["images", "pull", "--hosts-dir", hosts_dir.to_str().unwrap()];
+        if let Some(user) = user {
+            args.extend(["--user", user]);
+        }
+        args.push(image);
+        let (ok, out) = self.ctr_output(&args);
+        assert!(ok, "ctr pull {image} failed:\n{out}");
+        out
+    }
+}
+
+/// Writes hosts.toml for `registry` via `shoald configure-containerd`; returns the hosts dir.
+pub fn configure_containerd(dir: &Path, registry: &str, shoald: &Shoald) -> PathBuf {
+    let hosts = dir.join("certs.d");
+    let out = Command::new(shoald_bin())
+        .args([
+            "configure-containerd",
+            "--registry",
+            registry,
+            "--insecure-registry",
+            registry,
+        ])
+        .args([
+            "--mirror",
+            &shoald.addr,
+            "--config-path",
+            hosts.to_str().unwrap(),
+        ])
+        .args([
+            "--containerd-config",
+            dir.join("no-config.toml").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "configure-containerd failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    hosts
+}
