@@ -10,14 +10,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use http::{Method, StatusCode};
 use sha2::{Digest as _, Sha256};
 use shoal_proto::BlobDigest;
 use shoal_registry_proxy::{ForwardHeaders, Registry, Upstream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::metrics::Metrics;
 use crate::store::{PartialBlob, Store, StoreError};
@@ -26,6 +26,8 @@ use crate::store::{PartialBlob, Store, StoreError};
 /// most this much (or of `FLUSH_AFTER`, whichever comes first).
 const WRITE_BATCH: usize = 256 * 1024;
 const FLUSH_AFTER: Duration = Duration::from_millis(5);
+/// Batches queued for the writer: registry reads run ahead of disk writes by this many.
+const WRITE_QUEUE: usize = 8;
 
 /// Where a flight stands. Readers watch it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,53 +179,62 @@ impl FetchTask {
         };
         tx.send_replace(FlightState::Running { written: 0 });
 
-        let mut writer = Writer {
-            partial,
-            hasher: Sha256::new(),
-            written: 0,
-        };
+        let (batches, writer) = spawn_writer(partial, tx, store.clone());
         let mut batch = BytesMut::with_capacity(WRITE_BATCH);
-        let mut last_flush = Instant::now();
+        let mut received = 0u64;
+        let mut last_send = Instant::now();
         let outcome: Result<(), String> = loop {
-            match upstream.next_chunk(&mut resp).await {
-                Ok(Some(chunk)) => {
-                    metrics.fetched(chunk.len() as u64);
-                    if writer.written + (batch.len() + chunk.len()) as u64 > req.len {
-                        break Err(format!(
-                            "registry sent more than the {} bytes it announced",
-                            req.len
-                        ));
-                    }
-                    batch.extend_from_slice(&chunk);
-                    if batch.len() >= WRITE_BATCH || last_flush.elapsed() >= FLUSH_AFTER {
-                        if let Err(e) = writer.flush(&mut batch, &store).await {
-                            break Err(e);
-                        }
-                        last_flush = Instant::now();
-                        tx.send_replace(FlightState::Running {
-                            written: writer.written,
-                        });
-                    }
-                }
-                Ok(None) => break writer.flush(&mut batch, &store).await,
+            let chunk = match upstream.next_chunk(&mut resp).await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) if batch.is_empty() => break Ok(()),
+                Ok(None) => match batches.send(batch.split().freeze()).await {
+                    Ok(()) => break Ok(()),
+                    Err(_) => break Err("the store write failed".into()),
+                },
                 Err(e) => break Err(e.to_string()),
+            };
+            metrics.fetched(chunk.len() as u64);
+            received += chunk.len() as u64;
+            if received > req.len {
+                break Err(format!(
+                    "registry sent more than the {} bytes it announced",
+                    req.len
+                ));
+            }
+            batch.extend_from_slice(&chunk);
+            if batch.len() >= WRITE_BATCH || last_send.elapsed() >= FLUSH_AFTER {
+                if batches.send(batch.split().freeze()).await.is_err() {
+                    break Err("the store write failed".into());
+                }
+                last_send = Instant::now();
             }
         };
-        if let Err(message) = outcome {
-            tracing::warn!(digest = %req.digest, written = writer.written, error = %message, "blob fetch interrupted");
+        drop(batches);
+        let Ok(done) = writer.await else {
+            // The writer panicked, and took the state sender with it: readers see it closed
+            // and treat the flight as broken off.
+            tracing::error!(digest = %req.digest, "blob writer panicked");
+            return;
+        };
+        let WriterDone {
+            partial,
+            hasher,
+            written,
+            error,
+            tx,
+        } = done;
+        if let Some(message) = error.or(outcome.err()) {
+            tracing::warn!(digest = %req.digest, written, error = %message, "blob fetch interrupted");
             tx.send_replace(FlightState::Failed(FlightFailure::Interrupted(message)));
             return;
         }
-        tx.send_replace(FlightState::Running {
-            written: writer.written,
-        });
-        if writer.written != req.len {
-            let message = format!("registry sent {} of {} bytes", writer.written, req.len);
+        if written != req.len {
+            let message = format!("registry sent {written} of {} bytes", req.len);
             tracing::warn!(digest = %req.digest, error = %message, "blob fetch interrupted");
             tx.send_replace(FlightState::Failed(FlightFailure::Interrupted(message)));
             return;
         }
-        let got = BlobDigest::from_bytes(writer.hasher.finalize().into());
+        let got = BlobDigest::from_bytes(hasher.finalize().into());
         if got != req.digest {
             tracing::error!(
                 digest = %req.digest, got = %got, registry = %req.registry,
@@ -233,7 +244,6 @@ impl FetchTask {
             return;
         }
         tx.send_replace(FlightState::Verified);
-        let partial = writer.partial;
         match tokio::task::spawn_blocking(move || partial.commit()).await {
             Ok(Ok(())) => {
                 tracing::debug!(digest = %req.digest, bytes = req.len, elapsed = ?started.elapsed(), "blob stored");
@@ -247,38 +257,48 @@ impl FetchTask {
     }
 }
 
-/// The writing end of a flight: appends to the partial file and hashes, off the runtime.
-struct Writer {
+/// What the writer hands back when its input ends or a write fails.
+struct WriterDone {
     partial: PartialBlob,
     hasher: Sha256,
     written: u64,
+    error: Option<String>,
+    tx: watch::Sender<FlightState>,
 }
 
-impl Writer {
-    async fn flush(&mut self, batch: &mut BytesMut, store: &Store) -> Result<(), String> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let bytes = batch.split().freeze();
-        let offset = self.written;
-        // Move the writer state into the blocking task and back; a placeholder is never
-        // observed because `self` is not reachable from anywhere else meanwhile.
-        let partial_file = self.partial.file().clone();
-        let mut hasher = std::mem::take(&mut self.hasher);
-        let (hasher, result) = tokio::task::spawn_blocking(move || {
+/// Hashes and writes batches on a blocking thread, so that receiving from the registry,
+/// hashing and writing overlap; reports progress to readers after every write.
+fn spawn_writer(
+    partial: PartialBlob,
+    tx: watch::Sender<FlightState>,
+    store: Arc<Store>,
+) -> (mpsc::Sender<Bytes>, tokio::task::JoinHandle<WriterDone>) {
+    let (batches, mut rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+    let handle = tokio::task::spawn_blocking(move || {
+        let mut hasher = Sha256::new();
+        let mut written = 0u64;
+        while let Some(bytes) = rx.blocking_recv() {
             hasher.update(&bytes);
-            let result = std::os::unix::fs::FileExt::write_all_at(&*partial_file, &bytes, offset);
-            (hasher, result.map(|()| bytes.len()))
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-        self.hasher = hasher;
-        match result {
-            Ok(n) => {
-                self.written += n as u64;
-                Ok(())
+            if let Err(e) = partial.write_at(written, &bytes) {
+                let error = Some(store.io_error(e).to_string());
+                return WriterDone {
+                    partial,
+                    hasher,
+                    written,
+                    error,
+                    tx,
+                };
             }
-            Err(e) => Err(store.io_error(e).to_string()),
+            written += bytes.len() as u64;
+            tx.send_replace(FlightState::Running { written });
         }
-    }
+        WriterDone {
+            partial,
+            hasher,
+            written,
+            error: None,
+            tx,
+        }
+    });
+    (batches, handle)
 }
