@@ -32,7 +32,7 @@ pub struct Blob {
 }
 
 impl Blob {
-    fn new(media_type: &'static str, bytes: Vec<u8>) -> Self {
+    pub fn new(media_type: &'static str, bytes: Vec<u8>) -> Self {
         Blob {
             digest: BlobDigest::of(&bytes),
             media_type,

@@ -17,7 +17,7 @@ use shoal_proto::BlobDigest;
 use shoal_registry_proxy::{ByteRange, Reference, Route};
 use tokio::net::TcpListener;
 
-use crate::image::{Image, MANIFEST_TYPE};
+use crate::image::{Blob, Image, MANIFEST_TYPE};
 
 /// A running origin. Dropping it stops the server.
 pub struct Origin {
@@ -44,6 +44,18 @@ struct Content {
 impl Origin {
     /// Serves `image` as `repo:tag` on a free loopback port.
     pub async fn start(image: &Image, repo: &str, tag: &str) -> std::io::Result<Origin> {
+        Self::start_with(image, repo, tag, &[], None).await
+    }
+
+    /// Like [`Origin::start`], also serving the `extra` blobs, and sending the blob
+    /// `corrupt` (if any) with its last byte flipped, as a broken registry or cache would.
+    pub async fn start_with(
+        image: &Image,
+        repo: &str,
+        tag: &str,
+        extra: &[Blob],
+        corrupt: Option<BlobDigest>,
+    ) -> std::io::Result<Origin> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let blob_bytes = Arc::new(AtomicU64::new(0));
@@ -52,7 +64,19 @@ impl Origin {
             tag: tag.to_owned(),
             manifest: image.manifest.bytes.clone(),
             manifest_digest: image.manifest.digest,
-            blobs: image.blobs().map(|b| (b.digest, b.bytes.clone())).collect(),
+            blobs: image
+                .blobs()
+                .chain(extra)
+                .map(|b| {
+                    let mut bytes = b.bytes.to_vec();
+                    if Some(b.digest) == corrupt
+                        && let Some(last) = bytes.last_mut()
+                    {
+                        *last ^= 0xff;
+                    }
+                    (b.digest, Bytes::from(bytes))
+                })
+                .collect(),
             blob_bytes: blob_bytes.clone(),
         });
         let task = tokio::spawn(async move {
