@@ -34,7 +34,7 @@ enum Command {
     ConfigureContainerd(ConfigureArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -42,9 +42,16 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info".into()),
         )
         .init();
-    match cli.command {
+    let result = match cli.command {
         Some(Command::ConfigureContainerd(args)) => configure(&args),
         None => serve(cli.serve, cli.config),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shoald: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 

@@ -58,6 +58,7 @@ struct RequestLog {
     status: StatusCode,
     registry: String,
     repository: String,
+    /// The blob or manifest digest, or the tag of a manifest asked for by tag.
     reference: String,
     source: Option<Source>,
     bytes: u64,
@@ -81,7 +82,8 @@ impl Drop for RequestLog {
             status = self.status.as_u16(),
             registry = %self.registry,
             repository = %self.repository,
-            reference = %self.reference,
+            digest = if self.reference.starts_with("sha256:") { self.reference.as_str() } else { "-" },
+            tag = if self.reference.starts_with("sha256:") { "-" } else { self.reference.as_str() },
             bytes = self.bytes,
             source = self.source.map_or("-", Source::as_str),
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
