@@ -17,6 +17,7 @@ use futures_util::Stream;
 use http::{HeaderValue, Method, StatusCode};
 use shoal_registry_proxy::{ForwardHeaders, Registry, Upstream};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::flight::{Flight, FlightFailure, FlightState};
 use crate::metrics::Metrics;
@@ -53,7 +54,15 @@ pub struct BlobReader {
     pub metrics: Arc<Metrics>,
     pub lease: Option<Lease>,
     buf: BytesMut,
+    ahead: Option<ReadAhead>,
     done: bool,
+}
+
+/// A read of the next chunk, started before it was asked for.
+struct ReadAhead {
+    pos: u64,
+    len: usize,
+    task: JoinHandle<(BytesMut, io::Result<()>)>,
 }
 
 impl BlobReader {
@@ -67,6 +76,7 @@ impl BlobReader {
             metrics,
             lease: None,
             buf: BytesMut::new(),
+            ahead: None,
             done: false,
         }
     }
@@ -147,23 +157,44 @@ impl BlobReader {
     }
 
     async fn read_file(&mut self, file: Arc<File>, len: usize) -> io::Result<Bytes> {
-        let mut buf = std::mem::take(&mut self.buf);
-        buf.clear();
-        // Reclaims the previous chunk's allocation once the client side has dropped it:
-        // fresh memory is slow to touch on this kind of VM.
-        buf.reserve(len);
-        buf.resize(len, 0);
-        let pos = self.pos;
-        let (mut buf, result) = tokio::task::spawn_blocking(move || {
-            let result = file.read_exact_at(&mut buf, pos);
-            (buf, result)
-        })
-        .await
-        .map_err(io::Error::other)?;
+        let task = match self.ahead.take() {
+            Some(ahead) if ahead.pos == self.pos && ahead.len == len => ahead.task,
+            _ => self.spawn_read(file.clone(), self.pos, len),
+        };
+        let (mut buf, result) = task.await.map_err(io::Error::other)?;
         result?;
         let chunk = buf.split().freeze();
         self.buf = buf;
+        // A stored blob's next chunk is known: read it while this one goes to the client,
+        // so that disk reads and socket writes overlap.
+        let next = self.pos + len as u64;
+        if matches!(self.feed, Feed::Stored(_)) && next < self.end {
+            let len = (self.end - next).min(READ_CHUNK as u64) as usize;
+            self.ahead = Some(ReadAhead {
+                pos: next,
+                len,
+                task: self.spawn_read(file, next, len),
+            });
+        }
         Ok(chunk)
+    }
+
+    fn spawn_read(
+        &mut self,
+        file: Arc<File>,
+        pos: u64,
+        len: usize,
+    ) -> JoinHandle<(BytesMut, io::Result<()>)> {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        // Reclaims an earlier chunk's allocation once the client side has dropped it: fresh
+        // memory is slow to touch on this kind of VM.
+        buf.reserve(len);
+        buf.resize(len, 0);
+        tokio::task::spawn_blocking(move || {
+            let result = file.read_exact_at(&mut buf, pos);
+            (buf, result)
+        })
     }
 
     async fn resume_from_registry(&self) -> io::Result<reqwest::Response> {
