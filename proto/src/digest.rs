@@ -13,7 +13,9 @@ const PREFIX: &str = "sha256:";
 const HEX_LEN: usize = 64;
 
 /// The sha256 digest of a blob, as in `sha256:<64 lowercase hex>`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct BlobDigest([u8; 32]);
 
 /// Why a string is not a digest shoal accepts.

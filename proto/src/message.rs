@@ -1,0 +1,341 @@
+//! The messages between daemons and supernodes, and between daemons.
+//!
+//! Control (daemon ↔ supernode) and piece transfer (daemon ↔ daemon) run over QUIC with the
+//! ALPN [`ALPN`]; a protocol change gets a new ALPN, so old and new nodes refuse each other
+//! at the handshake instead of misreading each other. Every message is a length-prefixed
+//! frame ([`crate::frame`]); a piece's bytes follow their [`PeerReply::Piece`] header raw.
+//!
+//! Decoded messages are checked with `validate` before use: sizes of lists and strings, and
+//! piece sets against their blob's layout.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::BlobDigest;
+use crate::piece::{PieceHash, PieceIndex, PieceLayout};
+
+/// The protocol version, as negotiated by ALPN.
+pub const ALPN: &[u8] = b"shoal/1";
+
+const MAX_NAME: usize = 255;
+const MAX_ZONE: usize = 64;
+const MAX_CREDENTIAL: usize = 16 * 1024;
+const MAX_PARENTS: usize = 64;
+
+/// A node's identity in the swarm (also in its certificate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NodeId(pub u64);
+
+/// Where the seed gets a blob: the registry, repository, and the asking client's
+/// credentials (an `Authorization` value), never logged or stored.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    pub registry: String,
+    pub repository: String,
+    pub authorization: Option<String>,
+}
+
+impl std::fmt::Debug for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Origin")
+            .field("registry", &self.registry)
+            .field("repository", &self.repository)
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// Which pieces of a blob a node holds: one bit per piece.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PieceSet {
+    count: u32,
+    bits: Vec<u8>,
+}
+
+impl PieceSet {
+    /// An empty set for a blob of `count` pieces.
+    pub fn empty(count: u32) -> Self {
+        Self {
+            count,
+            bits: vec![0; (count as usize).div_ceil(8)],
+        }
+    }
+
+    pub fn full(count: u32) -> Self {
+        let mut s = Self::empty(count);
+        (0..count).for_each(|i| s.insert(PieceIndex(i)));
+        s
+    }
+
+    /// Whether the set fits a blob of `count` pieces (length, and no bits past the end).
+    pub fn fits(&self, count: u32) -> bool {
+        let len_ok = self.bits.len() == (count as usize).div_ceil(8);
+        let tail_ok = match (count % 8, self.bits.last()) {
+            (0, _) | (_, None) => true,
+            (used, Some(last)) => last >> used == 0,
+        };
+        self.count == count && len_ok && tail_ok
+    }
+
+    pub fn contains(&self, i: PieceIndex) -> bool {
+        i.0 < self.count
+            && self
+                .bits
+                .get(i.0 as usize / 8)
+                .is_some_and(|b| b & (1 << (i.0 % 8)) != 0)
+    }
+
+    /// Adds a piece; indices past the set's end are ignored (callers check layouts first).
+    pub fn insert(&mut self, i: PieceIndex) {
+        if i.0 >= self.count {
+            return;
+        }
+        if let Some(b) = self.bits.get_mut(i.0 as usize / 8) {
+            *b |= 1 << (i.0 % 8);
+        }
+    }
+
+    /// Whether every piece is in.
+    pub fn is_full(&self) -> bool {
+        self.len() == self.count
+    }
+
+    pub fn len(&self) -> u32 {
+        self.bits.iter().map(|b| b.count_ones()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bits.iter().all(|b| *b == 0)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = PieceIndex> + '_ {
+        (0..self.count)
+            .map(PieceIndex)
+            .filter(|i| self.contains(*i))
+    }
+}
+
+/// A node the supernode suggests as a source of pieces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Parent {
+    pub node: NodeId,
+    pub addr: SocketAddr,
+    pub pieces: PieceSet,
+}
+
+/// From a daemon to its supernode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToSupernode {
+    /// First message on a connection: who the node is and where peers reach it.
+    Hello {
+        node: NodeId,
+        zone: String,
+        peer_addr: SocketAddr,
+    },
+    /// The node wants a blob of `len` bytes (as the registry said): send its task.
+    Want {
+        digest: BlobDigest,
+        len: u64,
+        origin: Origin,
+    },
+    /// The node now holds these pieces (batched).
+    Have {
+        digest: BlobDigest,
+        pieces: Vec<PieceIndex>,
+    },
+    /// `peer` sent a piece that failed its hash.
+    BadPiece {
+        digest: BlobDigest,
+        peer: NodeId,
+        piece: PieceIndex,
+    },
+    /// The node dropped the blob (evicted, or gave up).
+    Drop { digest: BlobDigest },
+}
+
+/// From a supernode to a daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromSupernode {
+    /// A blob's layout, the hashes of its first `hashes.len()` pieces (the seed publishes
+    /// them in order as they stream in), and parents for pieces the node lacks.
+    Task {
+        digest: BlobDigest,
+        layout: PieceLayout,
+        hashes: Vec<PieceHash>,
+        parents: Vec<Parent>,
+    },
+    /// The supernode cannot schedule this blob (e.g. the registry refused the seed).
+    Refused { digest: BlobDigest, reason: String },
+}
+
+/// From a daemon to a peer, on a fresh stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerRequest {
+    Piece {
+        digest: BlobDigest,
+        index: PieceIndex,
+    },
+}
+
+/// A peer's answer; after `Piece`, exactly `len` raw bytes follow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerReply {
+    Piece {
+        index: PieceIndex,
+        len: u32,
+    },
+    /// The peer does not have that piece (any more).
+    Missing,
+    /// The peer is at its upload limit: ask someone else.
+    Busy,
+}
+
+/// Why a decoded message is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidMessage {
+    #[error("{field} is {len} bytes long, over the limit of {max}")]
+    TooLong {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("piece set does not fit a blob of {count} pieces")]
+    PieceSetMismatch { count: u32 },
+    #[error("more piece hashes ({hashes}) than pieces ({count})")]
+    TooManyHashes { hashes: usize, count: u32 },
+    #[error("{0} is past the blob's last piece")]
+    PieceOutOfRange(PieceIndex),
+}
+
+fn limit(field: &'static str, len: usize, max: usize) -> Result<(), InvalidMessage> {
+    if len > max {
+        Err(InvalidMessage::TooLong { field, len, max })
+    } else {
+        Ok(())
+    }
+}
+
+impl ToSupernode {
+    pub fn validate(&self) -> Result<(), InvalidMessage> {
+        match self {
+            Self::Hello { zone, .. } => limit("zone", zone.len(), MAX_ZONE),
+            Self::Want { origin, .. } => {
+                limit("registry", origin.registry.len(), MAX_NAME)?;
+                limit("repository", origin.repository.len(), MAX_NAME)?;
+                limit(
+                    "authorization",
+                    origin.authorization.as_ref().map_or(0, String::len),
+                    MAX_CREDENTIAL,
+                )
+            }
+            Self::Have { pieces, .. } => {
+                limit("have list", pieces.len(), crate::piece::MAX_PIECES as usize)
+            }
+            Self::BadPiece { .. } | Self::Drop { .. } => Ok(()),
+        }
+    }
+}
+
+impl FromSupernode {
+    pub fn validate(&self) -> Result<(), InvalidMessage> {
+        match self {
+            Self::Task {
+                layout,
+                hashes,
+                parents,
+                ..
+            } => {
+                let count = layout.count();
+                if hashes.len() > count as usize {
+                    return Err(InvalidMessage::TooManyHashes {
+                        hashes: hashes.len(),
+                        count,
+                    });
+                }
+                limit("parents", parents.len(), MAX_PARENTS)?;
+                match parents.iter().find(|p| !p.pieces.fits(count)) {
+                    Some(_) => Err(InvalidMessage::PieceSetMismatch { count }),
+                    None => Ok(()),
+                }
+            }
+            Self::Refused { reason, .. } => limit("reason", reason.len(), 4096),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn piece_sets_check_their_size() {
+        let mut s = PieceSet::empty(10);
+        s.insert(PieceIndex(9));
+        s.insert(PieceIndex(10)); // ignored: past the end
+        assert!(s.contains(PieceIndex(9)) && !s.contains(PieceIndex(10)));
+        assert_eq!(s.len(), 1);
+        assert!(s.fits(10));
+        assert!(!s.fits(17));
+        assert!(
+            !PieceSet {
+                count: 10,
+                bits: vec![0, 0b0000_0100]
+            }
+            .fits(10),
+            "a bit past the last piece"
+        );
+        assert_eq!(PieceSet::full(10).iter().count(), 10);
+    }
+
+    #[test]
+    fn credentials_are_not_printed() {
+        let o = Origin {
+            registry: "r".into(),
+            repository: "a".into(),
+            authorization: Some("Bearer s3cret".into()),
+        };
+        assert!(!format!("{o:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn tasks_are_checked_against_their_layout() {
+        let layout = PieceLayout::for_blob(3 << 20).unwrap();
+        let digest = BlobDigest::of(b"x");
+        let parent = |pieces| Parent {
+            node: NodeId(1),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            pieces,
+        };
+        let ok = FromSupernode::Task {
+            digest,
+            layout,
+            hashes: vec![PieceHash::of(b"a")],
+            parents: vec![parent(PieceSet::empty(3))],
+        };
+        assert!(ok.validate().is_ok());
+        let bad = FromSupernode::Task {
+            digest,
+            layout,
+            hashes: vec![PieceHash::of(b"a"); 4],
+            parents: vec![],
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(InvalidMessage::TooManyHashes { .. })
+        ));
+        let bad = FromSupernode::Task {
+            digest,
+            layout,
+            hashes: vec![],
+            parents: vec![parent(PieceSet::empty(100))],
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(InvalidMessage::PieceSetMismatch { .. })
+        ));
+    }
+}
