@@ -1,0 +1,488 @@
+//! The scheduling core.
+//!
+//! State: peers (address, zone, last heard from, health, recent upload assignments) and
+//! tasks (one per blob: its layout and which peer holds which pieces). Decisions: for a
+//! node that wants pieces of a blob, which parents to try.
+//!
+//! Rules, in order:
+//! - never hand out the asker itself, a peer that left, one not heard from within the peer
+//!   timeout, or one reported for bad data;
+//! - only peers that hold pieces the asker lacks;
+//! - spread upload load: a peer already handed out `max_uploads_per_parent` times within the
+//!   load window is skipped while others remain;
+//! - prefer the asker's zone, then the least loaded, then the one with most useful pieces.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use shoal_proto::message::NodeId;
+use shoal_proto::message::{Parent, PieceSet};
+use shoal_proto::{BlobDigest, PieceIndex, PieceLayout};
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Parents handed out per answer.
+    pub parents_per_answer: usize,
+    /// Handouts of one parent within `load_window` before others are preferred.
+    pub max_uploads_per_parent: usize,
+    pub load_window: Duration,
+    /// A peer not heard from for this long is gone.
+    pub peer_timeout: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            parents_per_answer: 4,
+            max_uploads_per_parent: 8,
+            load_window: Duration::from_secs(2),
+            peer_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Peer {
+    addr: SocketAddr,
+    zone: String,
+    last_seen: Instant,
+    handouts: VecDeque<Instant>,
+}
+
+#[derive(Debug)]
+struct Task {
+    layout: PieceLayout,
+    holders: HashMap<NodeId, PieceSet>,
+}
+
+/// Why an event was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("node {0:?} has not said hello")]
+    UnknownPeer(NodeId),
+    #[error("node {0:?} is banned for sending bad data")]
+    Banned(NodeId),
+    #[error("no task for this blob: the node must ask for it first")]
+    UnknownTask,
+    #[error("the blob's length differs from the task's")]
+    LayoutMismatch,
+    #[error("{0} is past the blob's last piece")]
+    PieceOutOfRange(PieceIndex),
+}
+
+#[derive(Debug, Default)]
+pub struct Scheduler {
+    config: SchedulerConfig,
+    peers: HashMap<NodeId, Peer>,
+    banned: HashSet<NodeId>,
+    tasks: HashMap<BlobDigest, Task>,
+}
+
+impl Scheduler {
+    pub fn new(config: SchedulerConfig) -> Self {
+        Self {
+            config,
+            ..Default::default()
+        }
+    }
+
+    /// A node announced itself (or came back).
+    pub fn hello(
+        &mut self,
+        now: Instant,
+        node: NodeId,
+        zone: String,
+        addr: SocketAddr,
+    ) -> Result<(), ScheduleError> {
+        if self.banned.contains(&node) {
+            return Err(ScheduleError::Banned(node));
+        }
+        let peer = self.peers.entry(node).or_insert_with(|| Peer {
+            addr,
+            zone: zone.clone(),
+            last_seen: now,
+            handouts: VecDeque::new(),
+        });
+        (peer.addr, peer.zone, peer.last_seen) = (addr, zone, now);
+        Ok(())
+    }
+
+    fn touch(&mut self, now: Instant, node: NodeId) -> Result<(), ScheduleError> {
+        if self.banned.contains(&node) {
+            return Err(ScheduleError::Banned(node));
+        }
+        let peer = self
+            .peers
+            .get_mut(&node)
+            .ok_or(ScheduleError::UnknownPeer(node))?;
+        peer.last_seen = now;
+        Ok(())
+    }
+
+    /// A node wants a blob. Returns true when the task is new (the seed should start).
+    pub fn want(
+        &mut self,
+        now: Instant,
+        node: NodeId,
+        digest: BlobDigest,
+        layout: PieceLayout,
+    ) -> Result<bool, ScheduleError> {
+        self.touch(now, node)?;
+        let mut created = false;
+        let task = self.tasks.entry(digest).or_insert_with(|| {
+            created = true;
+            Task {
+                layout,
+                holders: HashMap::new(),
+            }
+        });
+        if task.layout != layout {
+            return Err(ScheduleError::LayoutMismatch);
+        }
+        task.holders
+            .entry(node)
+            .or_insert_with(|| PieceSet::empty(layout.count()));
+        Ok(created)
+    }
+
+    /// A node holds new pieces.
+    pub fn have(
+        &mut self,
+        now: Instant,
+        node: NodeId,
+        digest: &BlobDigest,
+        pieces: &[PieceIndex],
+    ) -> Result<(), ScheduleError> {
+        self.touch(now, node)?;
+        let task = self
+            .tasks
+            .get_mut(digest)
+            .ok_or(ScheduleError::UnknownTask)?;
+        let count = task.layout.count();
+        if let Some(bad) = pieces.iter().find(|p| p.0 >= count) {
+            return Err(ScheduleError::PieceOutOfRange(*bad));
+        }
+        let set = task
+            .holders
+            .entry(node)
+            .or_insert_with(|| PieceSet::empty(count));
+        pieces.iter().for_each(|p| set.insert(*p));
+        Ok(())
+    }
+
+    /// `reporter` got a bad piece from `culprit`: the culprit is never handed out again.
+    pub fn bad_piece(
+        &mut self,
+        now: Instant,
+        reporter: NodeId,
+        culprit: NodeId,
+    ) -> Result<(), ScheduleError> {
+        self.touch(now, reporter)?;
+        tracing::warn!(
+            ?culprit,
+            ?reporter,
+            "peer sent a piece that failed its hash; banned"
+        );
+        self.banned.insert(culprit);
+        self.forget_peer(culprit);
+        Ok(())
+    }
+
+    /// A node dropped a blob.
+    pub fn drop_blob(&mut self, node: NodeId, digest: &BlobDigest) {
+        if let Some(task) = self.tasks.get_mut(digest) {
+            task.holders.remove(&node);
+        }
+    }
+
+    /// A node left (its connection closed).
+    pub fn leave(&mut self, node: NodeId) {
+        self.forget_peer(node);
+    }
+
+    fn forget_peer(&mut self, node: NodeId) {
+        self.peers.remove(&node);
+        for task in self.tasks.values_mut() {
+            task.holders.remove(&node);
+        }
+    }
+
+    /// Forgets peers not heard from within the timeout, and tasks nobody holds any more.
+    pub fn expire(&mut self, now: Instant) {
+        let timeout = self.config.peer_timeout;
+        let gone: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.last_seen) > timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for node in gone {
+            tracing::info!(?node, "peer timed out");
+            self.forget_peer(node);
+        }
+        self.tasks.retain(|_, t| !t.holders.is_empty());
+    }
+
+    /// Parents for `asker`'s missing pieces of `digest`.
+    pub fn parents(
+        &mut self,
+        now: Instant,
+        asker: NodeId,
+        digest: &BlobDigest,
+    ) -> Result<Vec<Parent>, ScheduleError> {
+        self.touch(now, asker)?;
+        let task = self.tasks.get(digest).ok_or(ScheduleError::UnknownTask)?;
+        let count = task.layout.count();
+        let empty = PieceSet::empty(count);
+        let mine = task.holders.get(&asker).unwrap_or(&empty);
+        let asker_zone = self
+            .peers
+            .get(&asker)
+            .map(|p| p.zone.clone())
+            .unwrap_or_default();
+        let (timeout, window, cap) = (
+            self.config.peer_timeout,
+            self.config.load_window,
+            self.config.max_uploads_per_parent,
+        );
+
+        let mut candidates: Vec<(bool, bool, usize, u32, NodeId)> = Vec::new();
+        for (node, pieces) in &task.holders {
+            let Some(peer) = self.peers.get_mut(node) else {
+                continue;
+            };
+            if *node == asker || now.duration_since(peer.last_seen) > timeout {
+                continue;
+            }
+            let useful = pieces.iter().filter(|p| !mine.contains(*p)).count() as u32;
+            if useful == 0 {
+                continue;
+            }
+            while peer
+                .handouts
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > window)
+            {
+                peer.handouts.pop_front();
+            }
+            let load = peer.handouts.len();
+            // Sort key: under the cap first, same zone first, least loaded, most useful.
+            candidates.push((
+                load >= cap,
+                peer.zone != asker_zone,
+                load,
+                u32::MAX - useful,
+                *node,
+            ));
+        }
+        candidates.sort();
+        let chosen: Vec<NodeId> = candidates
+            .iter()
+            .take(self.config.parents_per_answer)
+            .map(|c| c.4)
+            .collect();
+        let mut parents = Vec::with_capacity(chosen.len());
+        for node in chosen {
+            let peer = self.peers.get_mut(&node).expect("candidate is a peer");
+            peer.handouts.push_back(now);
+            parents.push(Parent {
+                node,
+                addr: peer.addr,
+                pieces: task.holders[&node].clone(),
+            });
+        }
+        Ok(parents)
+    }
+
+    /// Number of known peers and tasks, for status and metrics.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.peers.len(), self.tasks.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A virtual clock: a fixed origin plus whatever the test advances.
+    struct Clock(Instant, Duration);
+
+    impl Clock {
+        fn new() -> Self {
+            Clock(Instant::now(), Duration::ZERO)
+        }
+        fn now(&self) -> Instant {
+            self.0 + self.1
+        }
+        fn advance(&mut self, d: Duration) {
+            self.1 += d;
+        }
+    }
+
+    fn addr(i: u64) -> SocketAddr {
+        format!("10.0.0.{}:7000", i % 250 + 1).parse().unwrap()
+    }
+
+    fn setup(
+        nodes: u64,
+        zone: impl Fn(u64) -> &'static str,
+    ) -> (Scheduler, Clock, BlobDigest, PieceLayout) {
+        let clock = Clock::new();
+        let mut s = Scheduler::new(SchedulerConfig::default());
+        let digest = BlobDigest::of(b"blob");
+        let layout = PieceLayout::for_blob(8 << 20).unwrap();
+        for i in 0..nodes {
+            s.hello(clock.now(), NodeId(i), zone(i).into(), addr(i))
+                .unwrap();
+            s.want(clock.now(), NodeId(i), digest, layout).unwrap();
+        }
+        (s, clock, digest, layout)
+    }
+
+    fn all(layout: &PieceLayout) -> Vec<PieceIndex> {
+        layout.pieces().collect()
+    }
+
+    #[test]
+    fn hands_out_holders_of_missing_pieces_never_the_asker() {
+        let (mut s, clock, d, layout) = setup(4, |_| "a");
+        s.have(clock.now(), NodeId(0), &d, &all(&layout)).unwrap();
+        s.have(clock.now(), NodeId(1), &d, &[PieceIndex(0)])
+            .unwrap();
+        s.have(clock.now(), NodeId(2), &d, &[PieceIndex(0)])
+            .unwrap();
+        // Node 2 has piece 0: node 1 (only piece 0) is useless to it.
+        let parents = s.parents(clock.now(), NodeId(2), &d).unwrap();
+        let ids: Vec<_> = parents.iter().map(|p| p.node).collect();
+        assert_eq!(ids, vec![NodeId(0)]);
+        assert!(parents[0].pieces.is_full());
+        let ids: Vec<_> = s
+            .parents(clock.now(), NodeId(0), &d)
+            .unwrap()
+            .iter()
+            .map(|p| p.node)
+            .collect();
+        assert!(
+            ids.is_empty(),
+            "the seed has everything: nobody is useful to it"
+        );
+    }
+
+    #[test]
+    fn prefers_the_askers_zone() {
+        let (mut s, clock, d, layout) = setup(10, |i| if i % 2 == 0 { "east" } else { "west" });
+        for i in 0..9 {
+            s.have(clock.now(), NodeId(i), &d, &all(&layout)).unwrap();
+        }
+        let parents = s.parents(clock.now(), NodeId(9), &d).unwrap();
+        assert_eq!(parents.len(), 4);
+        assert!(parents.iter().all(|p| p.node.0 % 2 == 1), "{parents:?}");
+    }
+
+    #[test]
+    fn spreads_upload_load_and_forgets_it_after_the_window() {
+        let (mut s, mut clock, d, layout) = setup(60, |_| "a");
+        s.have(clock.now(), NodeId(0), &d, &all(&layout)).unwrap();
+        s.have(clock.now(), NodeId(1), &d, &all(&layout)).unwrap();
+        let mut handed = HashMap::new();
+        for asker in 2..40 {
+            for p in s.parents(clock.now(), NodeId(asker), &d).unwrap() {
+                *handed.entry(p.node).or_insert(0) += 1;
+            }
+        }
+        // Two holders, 38 askers: both carry the load evenly.
+        assert!(
+            (handed[&NodeId(0)] as i32 - handed[&NodeId(1)] as i32).abs() <= 1,
+            "{handed:?}"
+        );
+        // With a third holder, fresh, it comes first: the others are over their cap.
+        s.have(clock.now(), NodeId(2), &d, &all(&layout)).unwrap();
+        assert_eq!(
+            s.parents(clock.now(), NodeId(45), &d).unwrap()[0].node,
+            NodeId(2)
+        );
+        clock.advance(Duration::from_secs(3));
+        let parents = s.parents(clock.now(), NodeId(46), &d).unwrap();
+        assert_eq!(
+            parents.len(),
+            3,
+            "after the window every holder is free again"
+        );
+    }
+
+    #[test]
+    fn never_hands_out_peers_that_left_timed_out_or_sent_bad_data() {
+        let (mut s, mut clock, d, layout) = setup(5, |_| "a");
+        for i in 0..4 {
+            s.have(clock.now(), NodeId(i), &d, &all(&layout)).unwrap();
+        }
+        s.leave(NodeId(0));
+        s.bad_piece(clock.now(), NodeId(4), NodeId(1)).unwrap();
+        let ids: HashSet<_> = s
+            .parents(clock.now(), NodeId(4), &d)
+            .unwrap()
+            .iter()
+            .map(|p| p.node)
+            .collect();
+        assert_eq!(ids, HashSet::from([NodeId(2), NodeId(3)]));
+        assert_eq!(
+            s.hello(clock.now(), NodeId(1), "a".into(), addr(1)),
+            Err(ScheduleError::Banned(NodeId(1)))
+        );
+
+        clock.advance(Duration::from_secs(20));
+        s.have(clock.now(), NodeId(2), &d, &[]).unwrap(); // node 2 keeps talking, node 3 does not
+        clock.advance(Duration::from_secs(15));
+        let ids: Vec<_> = s
+            .parents(clock.now(), NodeId(4), &d)
+            .unwrap()
+            .iter()
+            .map(|p| p.node)
+            .collect();
+        assert_eq!(ids, vec![NodeId(2)], "node 3 timed out");
+        s.expire(clock.now());
+        assert_eq!(s.counts().0, 2);
+    }
+
+    #[test]
+    fn refuses_bad_events() {
+        let (mut s, clock, d, layout) = setup(2, |_| "a");
+        assert_eq!(
+            s.have(clock.now(), NodeId(9), &d, &[]),
+            Err(ScheduleError::UnknownPeer(NodeId(9)))
+        );
+        assert_eq!(
+            s.have(clock.now(), NodeId(0), &d, &[PieceIndex(8)]),
+            Err(ScheduleError::PieceOutOfRange(PieceIndex(8)))
+        );
+        assert_eq!(
+            s.have(clock.now(), NodeId(0), &BlobDigest::of(b"other"), &[]),
+            Err(ScheduleError::UnknownTask)
+        );
+        let other = PieceLayout::for_blob(1).unwrap();
+        assert_eq!(
+            s.want(clock.now(), NodeId(1), d, other),
+            Err(ScheduleError::LayoutMismatch)
+        );
+        let _ = layout;
+    }
+
+    #[test]
+    fn a_thousand_askers_get_answers_quickly() {
+        // Not a benchmark: a guard against quadratic blow-ups in the hot path.
+        let (mut s, clock, d, layout) = setup(2000, |i| if i % 3 == 0 { "a" } else { "b" });
+        for i in 0..1000 {
+            s.have(clock.now(), NodeId(i), &d, &all(&layout)).unwrap();
+        }
+        let started = std::time::Instant::now();
+        for asker in 1000..2000 {
+            assert!(
+                !s.parents(clock.now(), NodeId(asker), &d)
+                    .unwrap()
+                    .is_empty()
+            );
+        }
+        assert!(started.elapsed() < Duration::from_secs(30));
+    }
+}
