@@ -388,12 +388,12 @@ mod tests {
         let mut handed = HashMap::new();
         for asker in 2..40 {
             for p in s.parents(clock.now(), NodeId(asker), &d).unwrap() {
-                *handed.entry(p.node).or_insert(0) += 1;
+                *handed.entry(p.node).or_insert(0i32) += 1;
             }
         }
         // Two holders, 38 askers: both carry the load evenly.
         assert!(
-            (handed[&NodeId(0)] as i32 - handed[&NodeId(1)] as i32).abs() <= 1,
+            (handed[&NodeId(0)] - handed[&NodeId(1)]).abs() <= 1,
             "{handed:?}"
         );
         // With a third holder, fresh, it comes first: the others are over their cap.
