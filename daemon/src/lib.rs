@@ -10,6 +10,7 @@
 //! - [`authz`]: asks the registry whether a client may read a blob before the cache serves it.
 //! - [`server`]: the HTTP front containerd talks to.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`planner`]: the downloader's sans-IO core: which piece to ask which parent for.
 //! - [`containerd`]: `shoald configure-containerd`, which writes `hosts.toml`.
 #![forbid(unsafe_code)]
 
@@ -19,6 +20,7 @@ pub mod config;
 pub mod containerd;
 pub mod flight;
 pub mod metrics;
+pub mod planner;
 pub mod server;
 pub mod store;
 

@@ -1,0 +1,454 @@
+//! The downloader's sans-IO core: which piece to ask which parent for.
+//!
+//! Events in (parents offered by the supernode, hashes learned, pieces done or failed) and
+//! the current time; decisions out ([`Planner::next_requests`]). The driver moves bytes.
+//!
+//! Strategy:
+//! - pieces inside the streaming window (the next `window` pieces after what the client has
+//!   been sent) come first and in order, so that containerd gets bytes steadily;
+//! - beyond the window, the rarest piece among the parents first, so that the swarm quickly
+//!   has many different pieces to trade; ties are broken by a per-node offset so that nodes
+//!   starting together do not all ask for the same piece;
+//! - at most `per_parent` requests in flight to one parent; a parent that fails is rested
+//!   for a while, one that sends bad data is never asked again;
+//! - a piece whose hash is not known yet is not asked for (it could not be checked);
+//! - when no parent can serve a missing piece, or nothing has arrived for `stall_after`,
+//!   the missing pieces go to the registry ([`Request::Registry`]).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use shoal_proto::message::{NodeId, Parent, PieceSet};
+use shoal_proto::{PieceIndex, PieceLayout};
+
+#[derive(Debug, Clone)]
+pub struct PlannerConfig {
+    /// Requests in flight to one parent.
+    pub per_parent: u32,
+    /// Pieces ahead of the streaming cursor fetched in order.
+    pub window: u32,
+    /// A request older than this is given up and its parent rested.
+    pub piece_timeout: Duration,
+    /// How long a failed parent is not asked.
+    pub rest: Duration,
+    /// No progress for this long: the rest comes from the registry.
+    pub stall_after: Duration,
+}
+
+impl Default for PlannerConfig {
+    fn default() -> Self {
+        Self {
+            per_parent: 4,
+            window: 8,
+            piece_timeout: Duration::from_secs(10),
+            rest: Duration::from_secs(5),
+            stall_after: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where a piece should come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    Peer { parent: NodeId, piece: PieceIndex },
+    Registry { piece: PieceIndex },
+}
+
+/// Why a piece request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The parent did not have it, was busy, or the connection failed: try elsewhere.
+    Unavailable,
+    /// The bytes failed the piece hash: never ask this parent again.
+    BadData,
+}
+
+#[derive(Debug)]
+struct ParentState {
+    pieces: PieceSet,
+    in_flight: u32,
+    rested_until: Option<Instant>,
+    banned: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Peer(NodeId),
+    Registry,
+}
+
+#[derive(Debug)]
+pub struct Planner {
+    config: PlannerConfig,
+    layout: PieceLayout,
+    have: PieceSet,
+    /// Hashes are known for pieces below this index.
+    hashes_known: u32,
+    in_flight: HashMap<PieceIndex, (Source, Instant)>,
+    parents: HashMap<NodeId, ParentState>,
+    /// Pieces below this have been handed to the client.
+    cursor: u32,
+    last_progress: Instant,
+    /// Spreads tie-breaks between nodes.
+    offset: u32,
+}
+
+impl Planner {
+    pub fn new(config: PlannerConfig, layout: PieceLayout, me: NodeId, now: Instant) -> Self {
+        let count = layout.count().max(1);
+        Self {
+            config,
+            layout,
+            have: PieceSet::empty(layout.count()),
+            hashes_known: 0,
+            in_flight: HashMap::new(),
+            parents: HashMap::new(),
+            cursor: 0,
+            last_progress: now,
+            offset: (me.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32 % count,
+        }
+    }
+
+    /// The supernode offered parents (replaces what it said of them before).
+    pub fn offer(&mut self, parents: Vec<Parent>) {
+        for p in parents {
+            if !p.pieces.fits(self.layout.count()) {
+                continue;
+            }
+            let state = self.parents.entry(p.node).or_insert_with(|| ParentState {
+                pieces: PieceSet::empty(0),
+                in_flight: 0,
+                rested_until: None,
+                banned: false,
+            });
+            state.pieces = p.pieces;
+        }
+    }
+
+    /// Hashes of the first `n` pieces are known.
+    pub fn hashes_known(&mut self, n: u32) {
+        self.hashes_known = self.hashes_known.max(n.min(self.layout.count()));
+    }
+
+    /// The client has been sent every piece below `piece`.
+    pub fn streamed_to(&mut self, piece: u32) {
+        self.cursor = self.cursor.max(piece);
+    }
+
+    pub fn have(&self) -> &PieceSet {
+        &self.have
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.have.is_full()
+    }
+
+    /// A piece arrived and passed its hash.
+    pub fn done(&mut self, now: Instant, piece: PieceIndex) {
+        if let Some((Source::Peer(parent), _)) = self.in_flight.remove(&piece)
+            && let Some(p) = self.parents.get_mut(&parent)
+        {
+            p.in_flight = p.in_flight.saturating_sub(1);
+        }
+        self.have.insert(piece);
+        self.last_progress = now;
+    }
+
+    /// A request failed.
+    pub fn failed(&mut self, now: Instant, piece: PieceIndex, failure: Failure) {
+        let Some((source, _)) = self.in_flight.remove(&piece) else {
+            return;
+        };
+        let Source::Peer(parent) = source else { return };
+        if let Some(p) = self.parents.get_mut(&parent) {
+            p.in_flight = p.in_flight.saturating_sub(1);
+            match failure {
+                Failure::Unavailable => p.rested_until = Some(now + self.config.rest),
+                Failure::BadData => p.banned = true,
+            }
+        }
+    }
+
+    /// What to request now. Also times out old requests.
+    pub fn next_requests(&mut self, now: Instant) -> Vec<Request> {
+        let timed_out: Vec<PieceIndex> = self
+            .in_flight
+            .iter()
+            .filter(|(_, (s, at))| {
+                *s != Source::Registry && now.duration_since(*at) > self.config.piece_timeout
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for piece in timed_out {
+            self.failed(now, piece, Failure::Unavailable);
+        }
+
+        let stalled = now.duration_since(self.last_progress) > self.config.stall_after;
+        let mut out = Vec::new();
+        for piece in self.candidates() {
+            let request = if stalled {
+                None
+            } else {
+                self.pick_parent(now, piece)
+            };
+            let request = match request {
+                Some(parent) => {
+                    self.parents
+                        .get_mut(&parent)
+                        .expect("picked parent exists")
+                        .in_flight += 1;
+                    self.in_flight.insert(piece, (Source::Peer(parent), now));
+                    Request::Peer { parent, piece }
+                }
+                None if stalled || !self.any_parent_could_serve(piece) => {
+                    self.in_flight.insert(piece, (Source::Registry, now));
+                    Request::Registry { piece }
+                }
+                None => continue,
+            };
+            out.push(request);
+        }
+        out
+    }
+
+    /// Missing pieces not in flight, in the order they should be asked for.
+    fn candidates(&self) -> Vec<PieceIndex> {
+        let count = self.layout.count();
+        let missing = |i: &u32| {
+            !self.have.contains(PieceIndex(*i)) && !self.in_flight.contains_key(&PieceIndex(*i))
+        };
+        let window_end = (self.cursor + self.config.window).min(count);
+        let mut order: Vec<PieceIndex> = (self.cursor..window_end)
+            .filter(missing)
+            .map(PieceIndex)
+            .collect();
+        let mut rest: Vec<(u32, u32, PieceIndex)> = (0..count)
+            .filter(|i| (*i < self.cursor || *i >= window_end) && missing(i))
+            .map(|i| {
+                let holders = self
+                    .parents
+                    .values()
+                    .filter(|p| !p.banned && p.pieces.contains(PieceIndex(i)))
+                    .count() as u32;
+                (holders, (i + count - self.offset) % count, PieceIndex(i))
+            })
+            .collect();
+        rest.sort_unstable();
+        order.extend(rest.into_iter().map(|(_, _, p)| p));
+        order
+    }
+
+    fn usable(&self, now: Instant, p: &ParentState) -> bool {
+        !p.banned && p.rested_until.is_none_or(|t| now >= t)
+    }
+
+    fn pick_parent(&self, now: Instant, piece: PieceIndex) -> Option<NodeId> {
+        // A piece whose hash is unknown cannot be checked: it waits for the hash (or goes
+        // to the registry, which the whole-blob sha256 covers).
+        if piece.0 >= self.hashes_known {
+            return None;
+        }
+        self.parents
+            .iter()
+            .filter(|(_, p)| {
+                self.usable(now, p)
+                    && p.in_flight < self.config.per_parent
+                    && p.pieces.contains(piece)
+            })
+            .min_by_key(|(id, p)| (p.in_flight, **id))
+            .map(|(id, _)| *id)
+    }
+
+    /// Whether some parent (busy or resting, but not banned) holds the piece and its hash
+    /// will be known: then it is worth waiting for rather than going to the registry.
+    fn any_parent_could_serve(&self, piece: PieceIndex) -> bool {
+        self.parents
+            .values()
+            .any(|p| !p.banned && p.pieces.contains(piece))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(pieces: u64) -> PieceLayout {
+        PieceLayout::for_blob(pieces << 20).unwrap()
+    }
+
+    fn parent(id: u64, count: u32, pieces: impl IntoIterator<Item = u32>) -> Parent {
+        let mut set = PieceSet::empty(count);
+        pieces.into_iter().for_each(|i| set.insert(PieceIndex(i)));
+        Parent {
+            node: NodeId(id),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            pieces: set,
+        }
+    }
+
+    fn planner(pieces: u64) -> (Planner, Instant) {
+        let now = Instant::now();
+        let mut p = Planner::new(PlannerConfig::default(), layout(pieces), NodeId(99), now);
+        p.hashes_known(pieces as u32);
+        (p, now)
+    }
+
+    #[test]
+    fn streams_the_window_in_order_and_spreads_load() {
+        let (mut p, now) = planner(32);
+        p.offer(vec![parent(1, 32, 0..32), parent(2, 32, 0..32)]);
+        let reqs = p.next_requests(now);
+        assert_eq!(reqs.len(), 8, "two parents, four each");
+        let pieces: Vec<u32> = reqs
+            .iter()
+            .map(|r| match r {
+                Request::Peer { piece, .. } => piece.0,
+                _ => panic!(),
+            })
+            .collect();
+        assert_eq!(
+            pieces,
+            (0..8).collect::<Vec<_>>(),
+            "the window comes first and in order"
+        );
+        let to_1 = reqs
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r,
+                    Request::Peer {
+                        parent: NodeId(1),
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(to_1, 4);
+        assert!(
+            p.next_requests(now).is_empty(),
+            "every parent is at its limit"
+        );
+        p.done(now, PieceIndex(0));
+        assert_eq!(p.next_requests(now).len(), 1);
+    }
+
+    #[test]
+    fn beyond_the_window_the_rarest_piece_first() {
+        let (mut p, now) = planner(20);
+        let all_but_15 = || (0..20).filter(|i| *i != 15);
+        p.offer(vec![
+            parent(1, 20, 0..20),
+            parent(2, 20, all_but_15()),
+            parent(3, 20, all_but_15()),
+        ]);
+        let reqs = p.next_requests(now);
+        assert_eq!(reqs.len(), 12);
+        let beyond: Vec<u32> = reqs
+            .iter()
+            .filter_map(|r| match r {
+                Request::Peer { piece, .. } if piece.0 >= 8 => Some(piece.0),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            beyond.first(),
+            Some(&15),
+            "piece 15 has one holder: it goes first. {reqs:?}"
+        );
+    }
+
+    #[test]
+    fn bad_parents_are_dropped_failed_ones_rested() {
+        let (mut p, now) = planner(4);
+        p.offer(vec![parent(1, 4, 0..4), parent(2, 4, 0..4)]);
+        let reqs = p.next_requests(now);
+        let Request::Peer {
+            parent: first,
+            piece,
+        } = reqs[0]
+        else {
+            panic!()
+        };
+        p.failed(now, piece, Failure::BadData);
+        for r in &reqs[1..] {
+            if let Request::Peer { piece, .. } = r {
+                p.failed(now, *piece, Failure::Unavailable);
+            }
+        }
+        let other = if first == NodeId(1) {
+            NodeId(2)
+        } else {
+            NodeId(1)
+        };
+        // Right now: the banned one never, the other is resting.
+        assert!(p.next_requests(now).is_empty());
+        let later = now + Duration::from_secs(6);
+        let reqs = p.next_requests(later);
+        assert!(!reqs.is_empty());
+        assert!(
+            reqs.iter()
+                .all(|r| matches!(r, Request::Peer { parent, .. } if *parent == other)),
+            "{reqs:?}"
+        );
+    }
+
+    #[test]
+    fn falls_back_to_the_registry_when_no_parent_has_a_piece_or_progress_stalls() {
+        let (mut p, now) = planner(4);
+        p.offer(vec![parent(1, 4, [0, 1])]);
+        let reqs = p.next_requests(now);
+        assert!(reqs.contains(&Request::Registry {
+            piece: PieceIndex(2)
+        }));
+        assert!(reqs.contains(&Request::Registry {
+            piece: PieceIndex(3)
+        }));
+        assert!(reqs.contains(&Request::Peer {
+            parent: NodeId(1),
+            piece: PieceIndex(0)
+        }));
+
+        let (mut p, now) = planner(2);
+        p.offer(vec![parent(1, 2, [0, 1])]);
+        assert_eq!(p.next_requests(now).len(), 2);
+        // The parent never answers: requests time out, and after the stall the registry.
+        let later = now + Duration::from_secs(11);
+        let reqs = p.next_requests(later);
+        assert_eq!(
+            reqs,
+            vec![
+                Request::Registry {
+                    piece: PieceIndex(0)
+                },
+                Request::Registry {
+                    piece: PieceIndex(1)
+                }
+            ]
+        );
+        p.done(later, PieceIndex(0));
+        p.done(later, PieceIndex(1));
+        assert!(p.is_complete());
+    }
+
+    #[test]
+    fn pieces_without_a_known_hash_wait() {
+        let now = Instant::now();
+        let mut p = Planner::new(PlannerConfig::default(), layout(4), NodeId(1), now);
+        p.offer(vec![parent(1, 4, 0..4)]);
+        assert!(p.next_requests(now).is_empty());
+        p.hashes_known(2);
+        let reqs = p.next_requests(now);
+        assert_eq!(reqs.len(), 2);
+    }
+
+    #[test]
+    fn offers_that_do_not_fit_the_layout_are_ignored() {
+        let (mut p, now) = planner(4);
+        p.offer(vec![parent(1, 100, 0..100)]);
+        assert!(
+            p.next_requests(now)
+                .iter()
+                .all(|r| matches!(r, Request::Registry { .. }))
+        );
+    }
+}
