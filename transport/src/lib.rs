@@ -1,0 +1,14 @@
+//! shoal's transport between daemons and supernodes: QUIC with TLS 1.3 and mutual
+//! authentication against one cluster CA. It knows nothing of registries or scheduling.
+//!
+//! # Layout
+//! - [`ca`]: the cluster CA, node certificates, join tokens.
+//! - [`endpoint`]: QUIC endpoints that present a node certificate and require one from the
+//!   other side; sized UDP buffers; the peer's node id from its certificate.
+#![forbid(unsafe_code)]
+
+pub mod ca;
+pub mod endpoint;
+
+pub use ca::{ClusterCa, JoinToken, NodeIdentity};
+pub use endpoint::{Endpoint, TransportError};
