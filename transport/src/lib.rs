@@ -5,10 +5,12 @@
 //! - [`ca`]: the cluster CA, node certificates, join tokens.
 //! - [`endpoint`]: QUIC endpoints that present a node certificate and require one from the
 //!   other side; sized UDP buffers; the peer's node id from its certificate.
+//! - [`pieces`]: piece requests and answers over QUIC streams.
 #![forbid(unsafe_code)]
 
 pub mod ca;
 pub mod endpoint;
+pub mod pieces;
 
 pub use ca::{ClusterCa, JoinToken, NodeIdentity};
 pub use endpoint::{Endpoint, TransportError};

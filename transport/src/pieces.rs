@@ -1,0 +1,241 @@
+//! Piece transfer between nodes: one bidirectional stream per piece.
+//!
+//! The asker sends a [`PeerRequest`] frame; the holder answers with a [`PeerReply`] frame
+//! and, for `Piece`, exactly `len` raw bytes. The asker checks the length against the
+//! layout and the bytes against the piece hash it got from the supernode; this module only
+//! moves bytes.
+
+use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use shoal_proto::frame::{self, FrameDecoder, FrameError};
+use shoal_proto::message::{PeerReply, PeerRequest};
+use shoal_proto::{BlobDigest, PieceIndex};
+
+/// Longest a peer may take to answer a request header.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames on piece streams are tiny.
+const MAX_PEER_FRAME: u32 = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PieceError {
+    /// The peer does not have the piece, or is at its upload limit: ask another.
+    #[error("peer does not have the piece")]
+    Missing,
+    #[error("peer is busy")]
+    Busy,
+    /// The peer broke the protocol (wrong length, wrong index, garbage): drop it.
+    #[error("peer broke the protocol: {0}")]
+    Protocol(String),
+    #[error("stream: {0}")]
+    Stream(String),
+    #[error("peer did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+impl From<FrameError> for PieceError {
+    fn from(e: FrameError) -> Self {
+        Self::Protocol(e.to_string())
+    }
+}
+
+/// Asks `conn` for a piece of `expected_len` bytes.
+pub async fn fetch_piece(
+    conn: &quinn::Connection,
+    digest: BlobDigest,
+    index: PieceIndex,
+    expected_len: u32,
+) -> Result<Bytes, PieceError> {
+    let stream = |e: &dyn std::fmt::Display| PieceError::Stream(e.to_string());
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream(&e))?;
+    send.write_all(&frame::encode(&PeerRequest::Piece { digest, index }))
+        .await
+        .map_err(|e| stream(&e))?;
+    send.finish().map_err(|e| stream(&e))?;
+
+    let mut decoder = FrameDecoder::new(MAX_PEER_FRAME);
+    let reply = tokio::time::timeout(REQUEST_TIMEOUT, async {
+        loop {
+            if let Some(reply) = decoder.decode::<PeerReply>()? {
+                return Ok(reply);
+            }
+            match recv
+                .read_chunk(64 * 1024, true)
+                .await
+                .map_err(|e| stream(&e))?
+            {
+                Some(chunk) => decoder.push(&chunk.bytes),
+                None => return Err(PieceError::Protocol("stream ended before the reply".into())),
+            }
+        }
+    })
+    .await
+    .map_err(|_| PieceError::Timeout(REQUEST_TIMEOUT))??;
+    let len = match reply {
+        PeerReply::Missing => return Err(PieceError::Missing),
+        PeerReply::Busy => return Err(PieceError::Busy),
+        PeerReply::Piece { index: got, len } if got == index && len == expected_len => len as usize,
+        PeerReply::Piece { index: got, len } => {
+            return Err(PieceError::Protocol(format!(
+                "asked {index} of {expected_len} bytes, got {got} of {len}"
+            )));
+        }
+    };
+    let mut piece = BytesMut::with_capacity(len);
+    piece.extend_from_slice(&decoder.take_rest());
+    while piece.len() < len {
+        match recv
+            .read_chunk(len - piece.len(), true)
+            .await
+            .map_err(|e| stream(&e))?
+        {
+            Some(chunk) => piece.extend_from_slice(&chunk.bytes),
+            None => {
+                return Err(PieceError::Protocol(format!(
+                    "piece ended after {} of {len} bytes",
+                    piece.len()
+                )));
+            }
+        }
+    }
+    if piece.len() > len {
+        return Err(PieceError::Protocol("piece longer than announced".into()));
+    }
+    Ok(piece.freeze())
+}
+
+/// Where a holder finds a piece: the file and byte range, if it has it.
+pub type PieceLookup =
+    Arc<dyn Fn(&BlobDigest, PieceIndex) -> Option<(Arc<File>, Range<u64>)> + Send + Sync>;
+
+/// Answers the piece requests of one connection until it closes. `uploads` bounds the
+/// pieces sent at once (over it, peers are told `Busy`).
+pub async fn serve_pieces(
+    conn: quinn::Connection,
+    lookup: PieceLookup,
+    uploads: Arc<tokio::sync::Semaphore>,
+) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let (lookup, uploads) = (lookup.clone(), uploads.clone());
+        tokio::spawn(async move {
+            if let Err(e) = serve_one(send, recv, &lookup, &uploads).await {
+                tracing::debug!(error = %e, "piece request failed");
+            }
+        });
+    }
+}
+
+async fn serve_one(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    lookup: &PieceLookup,
+    uploads: &tokio::sync::Semaphore,
+) -> Result<(), PieceError> {
+    let bytes = tokio::time::timeout(REQUEST_TIMEOUT, recv.read_to_end(MAX_PEER_FRAME as usize))
+        .await
+        .map_err(|_| PieceError::Timeout(REQUEST_TIMEOUT))?
+        .map_err(|e| PieceError::Stream(e.to_string()))?;
+    let mut decoder = FrameDecoder::new(MAX_PEER_FRAME);
+    decoder.push(&bytes);
+    let Some(PeerRequest::Piece { digest, index }) = decoder.decode::<PeerRequest>()? else {
+        return Err(PieceError::Protocol("request frame incomplete".into()));
+    };
+    let reply = |r: PeerReply| frame::encode(&r);
+    let Ok(_permit) = uploads.try_acquire() else {
+        send.write_all(&reply(PeerReply::Busy))
+            .await
+            .map_err(|e| PieceError::Stream(e.to_string()))?;
+        return send.finish().map_err(|e| PieceError::Stream(e.to_string()));
+    };
+    let Some((file, range)) = lookup(&digest, index) else {
+        send.write_all(&reply(PeerReply::Missing))
+            .await
+            .map_err(|e| PieceError::Stream(e.to_string()))?;
+        return send.finish().map_err(|e| PieceError::Stream(e.to_string()));
+    };
+    let len = (range.end - range.start) as usize;
+    let piece = tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, range.start).map(|()| buf)
+    })
+    .await
+    .map_err(|e| PieceError::Stream(e.to_string()))?
+    .map_err(|e| PieceError::Stream(e.to_string()))?;
+    send.write_all(&reply(PeerReply::Piece {
+        index,
+        len: len as u32,
+    }))
+    .await
+    .map_err(|e| PieceError::Stream(e.to_string()))?;
+    send.write_all(&piece)
+        .await
+        .map_err(|e| PieceError::Stream(e.to_string()))?;
+    send.finish().map_err(|e| PieceError::Stream(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ClusterCa, Endpoint};
+    use shoal_proto::PieceLayout;
+    use shoal_proto::message::NodeId;
+
+    #[tokio::test]
+    async fn pieces_cross_between_two_nodes() {
+        let ca = ClusterCa::generate().unwrap();
+        let holder = Endpoint::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            &ca.issue(NodeId(1)).unwrap(),
+        )
+        .unwrap();
+        let asker = Endpoint::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            &ca.issue(NodeId(2)).unwrap(),
+        )
+        .unwrap();
+        let blob: Vec<u8> = (0..(3u32 << 20) + 7).map(|i| (i % 251) as u8).collect();
+        let digest = BlobDigest::of(&blob);
+        let layout = PieceLayout::for_blob(blob.len() as u64).unwrap();
+        let file = tempfile::tempfile().unwrap();
+        file.write_all_at(&blob, 0).unwrap();
+        let file = Arc::new(file);
+        let lookup: PieceLookup = Arc::new(move |d, i| {
+            if *d == digest {
+                Some((file.clone(), layout.range(i).ok()?))
+            } else {
+                None
+            }
+        });
+        let addr = holder.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Some((conn, _)) = holder.accept().await {
+                tokio::spawn(serve_pieces(
+                    conn,
+                    lookup.clone(),
+                    Arc::new(tokio::sync::Semaphore::new(8)),
+                ));
+            }
+        });
+        let (conn, _) = asker.connect(addr).await.unwrap();
+        for i in layout.pieces() {
+            let piece = fetch_piece(&conn, digest, i, layout.len_of(i).unwrap())
+                .await
+                .unwrap();
+            let r = layout.range(i).unwrap();
+            assert_eq!(&piece[..], &blob[r.start as usize..r.end as usize]);
+        }
+        let other = BlobDigest::of(b"other");
+        assert!(matches!(
+            fetch_piece(&conn, other, PieceIndex(0), 1).await,
+            Err(PieceError::Missing)
+        ));
+        assert!(matches!(
+            fetch_piece(&conn, digest, PieceIndex(0), 5).await,
+            Err(PieceError::Protocol(_))
+        ));
+    }
+}
