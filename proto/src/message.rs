@@ -18,6 +18,25 @@ use crate::piece::{PieceHash, PieceIndex, PieceLayout};
 /// The protocol version, as negotiated by ALPN.
 pub const ALPN: &[u8] = b"shoal/1";
 
+/// The first byte of every bidirectional stream says what it carries: a control request
+/// (to a supernode) or a piece request (to any node, the seed included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum StreamKind {
+    Control = 1,
+    Piece = 2,
+}
+
+impl StreamKind {
+    pub fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            1 => Some(Self::Control),
+            2 => Some(Self::Piece),
+            _ => None,
+        }
+    }
+}
+
 const MAX_NAME: usize = 255;
 const MAX_ZONE: usize = 64;
 const MAX_CREDENTIAL: usize = 16 * 1024;

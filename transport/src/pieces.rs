@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use shoal_proto::frame::{self, FrameDecoder, FrameError};
-use shoal_proto::message::{PeerReply, PeerRequest};
+use shoal_proto::message::{PeerReply, PeerRequest, StreamKind};
 use shoal_proto::{BlobDigest, PieceIndex};
 
 /// Longest a peer may take to answer a request header.
@@ -52,6 +52,9 @@ pub async fn fetch_piece(
 ) -> Result<Bytes, PieceError> {
     let stream = |e: &dyn std::fmt::Display| PieceError::Stream(e.to_string());
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream(&e))?;
+    send.write_all(&[StreamKind::Piece as u8])
+        .await
+        .map_err(|e| stream(&e))?;
     send.write_all(&frame::encode(&PeerRequest::Piece { digest, index }))
         .await
         .map_err(|e| stream(&e))?;
@@ -112,24 +115,38 @@ pub async fn fetch_piece(
 pub type PieceLookup =
     Arc<dyn Fn(&BlobDigest, PieceIndex) -> Option<(Arc<File>, Range<u64>)> + Send + Sync>;
 
+/// Reads the kind byte that starts every stream.
+pub async fn stream_kind(recv: &mut quinn::RecvStream) -> Option<StreamKind> {
+    let mut kind = [0u8; 1];
+    tokio::time::timeout(REQUEST_TIMEOUT, recv.read_exact(&mut kind))
+        .await
+        .ok()?
+        .ok()?;
+    StreamKind::from_byte(kind[0])
+}
+
 /// Answers the piece requests of one connection until it closes. `uploads` bounds the
-/// pieces sent at once (over it, peers are told `Busy`).
+/// pieces sent at once (over it, peers are told `Busy`). Other kinds of streams are refused.
 pub async fn serve_pieces(
     conn: quinn::Connection,
     lookup: PieceLookup,
     uploads: Arc<tokio::sync::Semaphore>,
 ) {
-    while let Ok((send, recv)) = conn.accept_bi().await {
+    while let Ok((send, mut recv)) = conn.accept_bi().await {
         let (lookup, uploads) = (lookup.clone(), uploads.clone());
         tokio::spawn(async move {
-            if let Err(e) = serve_one(send, recv, &lookup, &uploads).await {
+            if stream_kind(&mut recv).await != Some(StreamKind::Piece) {
+                return;
+            }
+            if let Err(e) = answer_piece(send, recv, &lookup, &uploads).await {
                 tracing::debug!(error = %e, "piece request failed");
             }
         });
     }
 }
 
-async fn serve_one(
+/// Answers one piece request whose kind byte has been read.
+pub async fn answer_piece(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     lookup: &PieceLookup,
