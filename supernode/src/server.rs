@@ -1,0 +1,321 @@
+//! The supernode's drivers: QUIC control and seed pieces, and the HTTP API (`/healthz`,
+//! `/metrics`, `/status`, `/join`). The scheduling itself is [`crate::Scheduler`]'s.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::rt::TokioIo;
+use shoal_proto::frame::{self, FrameDecoder, MAX_FRAME};
+use shoal_proto::message::{FromSupernode, NodeId, StreamKind, ToSupernode};
+use shoal_proto::{PieceIndex, PieceLayout};
+use shoal_registry_proxy::{Upstream, UpstreamConfig};
+use shoal_transport::pieces::{PieceLookup, answer_piece, stream_kind};
+use shoal_transport::{ClusterCa, Endpoint, JoinToken};
+
+use crate::seed::{Seed, SeedState};
+use crate::{Scheduler, SchedulerConfig};
+
+/// Pieces the seed sends at once.
+const SEED_UPLOADS: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct SupernodeConfig {
+    pub listen: SocketAddr,
+    pub api_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub upstream: UpstreamConfig,
+}
+
+/// A running supernode.
+pub struct Supernode {
+    pub quic_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub join_token: JoinToken,
+    pub ca: Arc<ClusterCa>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Drop for Supernode {
+    fn drop(&mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+struct State {
+    me: NodeId,
+    quic_addr: SocketAddr,
+    scheduler: Mutex<Scheduler>,
+    seed: Seed,
+    ca: Arc<ClusterCa>,
+    join_token: JoinToken,
+    decisions: AtomicU64,
+    seed_bytes: AtomicU64,
+}
+
+impl State {
+    fn scheduler(&self) -> std::sync::MutexGuard<'_, Scheduler> {
+        self.scheduler.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Supernode {
+    /// Loads (or creates) the CA and join token, binds both ports and starts serving.
+    pub async fn start(config: SupernodeConfig) -> anyhow::Result<Supernode> {
+        let (ca, created) = ClusterCa::load_or_create(&config.data_dir.join("ca"))?;
+        if created {
+            tracing::info!(dir = %config.data_dir.display(), "created a cluster CA");
+        }
+        let join_token = load_or_create_token(&config, &ca)?;
+        let me = NodeId(rand_id());
+        let identity = ca.issue(me)?;
+        let endpoint = Endpoint::bind(config.listen, &identity)?;
+        let quic_addr = endpoint.local_addr()?;
+        let api = tokio::net::TcpListener::bind(config.api_listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.api_listen))?;
+        let api_addr = api.local_addr()?;
+        let upstream = Upstream::new(&config.upstream)?;
+        let seed = Seed::new(config.data_dir.join("seed"), upstream)?;
+        let ca = Arc::new(ca);
+        let state = Arc::new(State {
+            me,
+            quic_addr,
+            scheduler: Mutex::new(Scheduler::new(SchedulerConfig::default())),
+            seed,
+            ca: ca.clone(),
+            join_token: join_token.clone(),
+            decisions: AtomicU64::new(0),
+            seed_bytes: AtomicU64::new(0),
+        });
+        state.scheduler().hello(Instant::now(), me, String::new(), quic_addr)?;
+
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(accept_quic(endpoint, state.clone()));
+        tasks.spawn(serve_api(api, state.clone()));
+        tasks.spawn(housekeeping(state));
+        tracing::info!(%quic_addr, %api_addr, node = me.0, "supernode serving");
+        Ok(Supernode { quic_addr, api_addr, join_token, ca, tasks })
+    }
+}
+
+fn rand_id() -> u64 {
+    use std::hash::{BuildHasher as _, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+fn load_or_create_token(config: &SupernodeConfig, ca: &ClusterCa) -> anyhow::Result<JoinToken> {
+    let path = config.data_dir.join("join-token");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let token: JoinToken = text.parse().with_context(|| format!("{} is not a join token", path.display()))?;
+        if token.check_ca(ca.cert_pem()).is_ok() {
+            return Ok(token);
+        }
+        tracing::warn!(path = %path.display(), "join token names another CA; writing a new one");
+    }
+    let token = JoinToken::new(ca);
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        writeln!(f, "{token}")?;
+    }
+    tracing::info!(path = %path.display(), "join token written");
+    Ok(token)
+}
+
+/// Keeps the seed known to the scheduler and forgets silent peers.
+async fn housekeeping(state: Arc<State>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let mut s = state.scheduler();
+        let _ = s.hello(now, state.me, String::new(), state.quic_addr);
+        s.expire(now);
+    }
+}
+
+async fn accept_quic(endpoint: Endpoint, state: Arc<State>) {
+    let uploads = Arc::new(tokio::sync::Semaphore::new(SEED_UPLOADS));
+    let seed_state = state.clone();
+    let lookup: PieceLookup = Arc::new(move |digest, index| {
+        let piece = seed_state.seed.get(digest)?.piece(index)?;
+        seed_state.seed_bytes.fetch_add(piece.1.end - piece.1.start, Ordering::Relaxed);
+        Some(piece)
+    });
+    while let Some((conn, node)) = endpoint.accept().await {
+        let (state, lookup, uploads) = (state.clone(), lookup.clone(), uploads.clone());
+        tokio::spawn(async move {
+            while let Ok((send, mut recv)) = conn.accept_bi().await {
+                let (state, lookup, uploads) = (state.clone(), lookup.clone(), uploads.clone());
+                tokio::spawn(async move {
+                    let result = match stream_kind(&mut recv).await {
+                        Some(StreamKind::Piece) => answer_piece(send, recv, &lookup, &uploads).await.map_err(|e| e.to_string()),
+                        Some(StreamKind::Control) => control(&state, node, send, recv).await,
+                        None => Err("unknown stream kind".into()),
+                    };
+                    if let Err(e) = result {
+                        tracing::debug!(node = node.0, error = %e, "stream failed");
+                    }
+                });
+            }
+            state.scheduler().leave(node);
+            tracing::debug!(node = node.0, "node disconnected");
+        });
+    }
+}
+
+async fn control(
+    state: &State,
+    node: NodeId,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<(), String> {
+    let bytes = recv.read_to_end(MAX_FRAME as usize).await.map_err(|e| e.to_string())?;
+    let mut decoder = FrameDecoder::default();
+    decoder.push(&bytes);
+    let request: ToSupernode = decoder.decode().map_err(|e| e.to_string())?.ok_or("incomplete request")?;
+    request.validate().map_err(|e| e.to_string())?;
+    let now = Instant::now();
+    let reply = match request {
+        ToSupernode::Hello { node: claimed, zone, peer_addr } => {
+            if claimed != node {
+                return Err(format!("node {} claims to be {}", node.0, claimed.0));
+            }
+            state.scheduler().hello(now, node, zone, peer_addr).map_err(|e| e.to_string())?;
+            None
+        }
+        ToSupernode::Want { digest, len, origin } => Some(want(state, node, now, digest, len, &origin)),
+        ToSupernode::Have { digest, pieces } => {
+            state.scheduler().have(now, node, &digest, &pieces).map_err(|e| e.to_string())?;
+            None
+        }
+        ToSupernode::BadPiece { peer, .. } => {
+            state.scheduler().bad_piece(now, node, peer).map_err(|e| e.to_string())?;
+            None
+        }
+        ToSupernode::Drop { digest } => {
+            state.scheduler().drop_blob(node, &digest);
+            None
+        }
+    };
+    if let Some(reply) = reply {
+        send.write_all(&frame::encode(&reply)).await.map_err(|e| e.to_string())?;
+    }
+    send.finish().map_err(|e| e.to_string())
+}
+
+fn want(
+    state: &State,
+    node: NodeId,
+    now: Instant,
+    digest: shoal_proto::BlobDigest,
+    len: u64,
+    origin: &shoal_proto::message::Origin,
+) -> FromSupernode {
+    let refused = |reason: String| FromSupernode::Refused { digest, reason };
+    let layout = match PieceLayout::for_blob(len) {
+        Ok(l) => l,
+        Err(e) => return refused(e.to_string()),
+    };
+    if let Err(e) = state.scheduler().want(now, node, digest, layout) {
+        return refused(e.to_string());
+    }
+    let seed = match state.seed.ensure(digest, layout, origin) {
+        Ok(seed) => seed,
+        Err(e) => return refused(e.to_string()),
+    };
+    let progress = seed.progress();
+    if let SeedState::Failed(reason) = progress.state {
+        return refused(format!("seed: {reason}"));
+    }
+    let mut s = state.scheduler();
+    let held: Vec<PieceIndex> = (0..progress.hashes.len() as u32).map(PieceIndex).collect();
+    let _ = s.want(now, state.me, digest, layout);
+    let _ = s.have(now, state.me, &digest, &held);
+    let parents = s.parents(now, node, &digest).unwrap_or_default();
+    state.decisions.fetch_add(1, Ordering::Relaxed);
+    FromSupernode::Task { digest, layout, hashes: progress.hashes, parents }
+}
+
+async fn serve_api(listener: tokio::net::TcpListener, state: Arc<State>) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(api(&state, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+async fn api(state: &State, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: String| {
+        Response::builder().status(status).body(Full::new(Bytes::from(body))).expect("valid response")
+    };
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
+        (&Method::GET, "/metrics") => {
+            let (peers, tasks) = state.scheduler().counts();
+            text(
+                StatusCode::OK,
+                format!(
+                    "# TYPE shoal_supernode_peers gauge\nshoal_supernode_peers {peers}\n\
+                     # TYPE shoal_supernode_tasks gauge\nshoal_supernode_tasks {tasks}\n\
+                     # TYPE shoal_supernode_decisions counter\nshoal_supernode_decisions_total {}\n\
+                     # TYPE shoal_supernode_seed_bytes counter\nshoal_supernode_seed_bytes_total {}\n",
+                    state.decisions.load(Ordering::Relaxed),
+                    state.seed_bytes.load(Ordering::Relaxed)
+                ),
+            )
+        }
+        (&Method::GET, "/status") => {
+            let (peers, tasks) = state.scheduler().counts();
+            let body = serde_json::json!({"node": state.me.0, "quic": state.quic_addr.to_string(), "peers": peers, "tasks": tasks});
+            text(StatusCode::OK, body.to_string())
+        }
+        (&Method::POST, "/join") => match join(state, req).await {
+            Ok(body) => text(StatusCode::OK, body),
+            Err((status, message)) => text(status, message),
+        },
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+/// `POST /join` with `{"secret": "<hex>", "csr": "<PEM>"}`: a node certificate for a node
+/// that knows the join token's secret.
+async fn join(state: &State, req: Request<hyper::body::Incoming>) -> Result<String, (StatusCode, String)> {
+    let bad = |m: &str| (StatusCode::BAD_REQUEST, m.to_owned());
+    let body = http_body_util::Limited::new(req.into_body(), 64 * 1024)
+        .collect()
+        .await
+        .map_err(|_| bad("body too large or broken"))?
+        .to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|_| bad("body is not JSON"))?;
+    let mut secret = [0u8; 16];
+    hex::decode_to_slice(v["secret"].as_str().unwrap_or(""), &mut secret).map_err(|_| bad("secret is not 32 hex"))?;
+    state.join_token.check_secret(&secret).map_err(|_| (StatusCode::FORBIDDEN, "wrong join secret".into()))?;
+    let node = NodeId(rand_id());
+    let cert = state
+        .ca
+        .sign_request(v["csr"].as_str().unwrap_or(""), node)
+        .map_err(|e| bad(&format!("certificate request: {e}")))?;
+    tracing::info!(node = node.0, "node joined");
+    Ok(serde_json::json!({"node": node.0, "cert": cert, "ca": state.ca.cert_pem()}).to_string())
+}
