@@ -166,7 +166,13 @@ impl Config {
         let ca_pem: HashMap<Registry, Vec<u8>> = args
             .registry_cas
             .iter()
-            .filter_map(|s| check(&mut errors, s, parse_registry_ca))
+            .filter_map(|s| {
+                check(
+                    &mut errors,
+                    s,
+                    shoal_registry_proxy::upstream::parse_registry_ca,
+                )
+            })
             .collect();
         let mut duration = |flag: &str, value: Option<String>, default: &str| {
             let value = value.unwrap_or_else(|| default.to_owned());
@@ -224,18 +230,6 @@ fn check<T>(
     parse: impl FnOnce(&str) -> Result<T, String>,
 ) -> Option<T> {
     parse(value).map_err(|e| errors.push(e)).ok()
-}
-
-fn parse_registry_ca(s: &str) -> Result<(Registry, Vec<u8>), String> {
-    let (host, file) = s
-        .split_once('=')
-        .ok_or_else(|| format!("--registry-ca {s:?}: expected HOST=FILE"))?;
-    let registry = host
-        .parse::<Registry>()
-        .map_err(|e| format!("--registry-ca: {e}"))?;
-    let pem = std::fs::read(file)
-        .map_err(|e| format!("--registry-ca {host}: cannot read {file}: {e}"))?;
-    Ok((registry, pem))
 }
 
 fn read_file(path: &Path) -> Result<ServeArgs, String> {

@@ -241,6 +241,19 @@ impl Upstream {
     }
 }
 
+/// Parses a `--registry-ca HOST=FILE` flag and reads the file.
+pub fn parse_registry_ca(s: &str) -> Result<(Registry, Vec<u8>), String> {
+    let (host, file) = s
+        .split_once('=')
+        .ok_or_else(|| format!("--registry-ca {s:?}: expected HOST=FILE"))?;
+    let registry = host
+        .parse::<Registry>()
+        .map_err(|e| format!("--registry-ca: {e}"))?;
+    let pem = std::fs::read(file)
+        .map_err(|e| format!("--registry-ca {host}: cannot read {file}: {e}"))?;
+    Ok((registry, pem))
+}
+
 fn is_retryable(status: StatusCode) -> bool {
     matches!(
         status,

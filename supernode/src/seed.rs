@@ -41,13 +41,23 @@ pub struct SeedBlob {
 
 impl SeedBlob {
     pub fn progress(&self) -> SeedProgress {
-        self.progress.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The file and range of a piece the seed holds.
     pub fn piece(&self, index: PieceIndex) -> Option<(Arc<File>, Range<u64>)> {
-        let have = self.progress.lock().unwrap_or_else(|p| p.into_inner()).hashes.len() as u32;
-        (index.0 < have).then(|| Some((self.file.clone(), self.layout.range(index).ok()?))).flatten()
+        let have = self
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .hashes
+            .len() as u32;
+        (index.0 < have)
+            .then(|| Some((self.file.clone(), self.layout.range(index).ok()?)))
+            .flatten()
     }
 
     fn update(&self, f: impl FnOnce(&mut SeedProgress)) {
@@ -77,7 +87,11 @@ impl Seed {
             std::fs::remove_dir_all(&dir)?;
         }
         std::fs::create_dir_all(&dir)?;
-        Ok(Self { dir, upstream, blobs: Default::default() })
+        Ok(Self {
+            dir,
+            upstream,
+            blobs: Default::default(),
+        })
     }
 
     pub fn get(&self, digest: &BlobDigest) -> Option<Arc<SeedBlob>> {
@@ -85,27 +99,52 @@ impl Seed {
     }
 
     /// The seed's copy of a blob, started now if there is none (or the last one failed).
-    pub fn ensure(&self, digest: BlobDigest, layout: PieceLayout, origin: &Origin) -> Result<Arc<SeedBlob>, SeedError> {
+    pub fn ensure(
+        &self,
+        digest: BlobDigest,
+        layout: PieceLayout,
+        origin: &Origin,
+    ) -> Result<Arc<SeedBlob>, SeedError> {
         if let Some(blob) = self.get(&digest)
             && !matches!(blob.progress().state, SeedState::Failed(_))
         {
             return Ok(blob);
         }
-        let registry: Registry = origin.registry.parse().map_err(|e| SeedError::BadOrigin(format!("{e}")))?;
-        let repository: shoal_registry_proxy::RepositoryName =
-            origin.repository.parse().map_err(|e| SeedError::BadOrigin(format!("{e}")))?;
+        let registry: Registry = origin
+            .registry
+            .parse()
+            .map_err(|e| SeedError::BadOrigin(format!("{e}")))?;
+        let repository: shoal_registry_proxy::RepositoryName = origin
+            .repository
+            .parse()
+            .map_err(|e| SeedError::BadOrigin(format!("{e}")))?;
         let path = self.dir.join(digest.hex());
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
-        let blob = Arc::new(SeedBlob { layout, file: Arc::new(file), progress: Mutex::new(SeedProgress::default()) });
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        let blob = Arc::new(SeedBlob {
+            layout,
+            file: Arc::new(file),
+            progress: Mutex::new(SeedProgress::default()),
+        });
         self.blobs.insert(digest, blob.clone());
         let headers = ForwardHeaders {
-            authorization: origin.authorization.as_deref().and_then(|a| HeaderValue::from_str(a).ok()),
+            authorization: origin
+                .authorization
+                .as_deref()
+                .and_then(|a| HeaderValue::from_str(a).ok()),
             ..Default::default()
         };
         let (upstream, task_blob) = (self.upstream.clone(), blob.clone());
         let url_path = format!("/v2/{repository}/blobs/{digest}");
         tokio::spawn(async move {
-            let result = fetch(&upstream, &registry, &url_path, &headers, &task_blob, digest).await;
+            let result = fetch(
+                &upstream, &registry, &url_path, &headers, &task_blob, digest,
+            )
+            .await;
             match result {
                 Ok(()) => {
                     tracing::info!(%digest, bytes = layout.blob_len(), "seed has the blob");
@@ -132,7 +171,10 @@ async fn fetch(
     blob: &SeedBlob,
     digest: BlobDigest,
 ) -> Result<(), String> {
-    let mut resp = upstream.send(Method::GET, registry, path, headers).await.map_err(|e| e.to_string())?;
+    let mut resp = upstream
+        .send(Method::GET, registry, path, headers)
+        .await
+        .map_err(|e| e.to_string())?;
     if resp.status() != StatusCode::OK {
         return Err(format!("registry answered {}", resp.status()));
     }
@@ -141,7 +183,11 @@ async fn fetch(
     let mut piece = Vec::with_capacity(layout.piece_size() as usize);
     let mut next = PieceIndex(0);
     let mut received = 0u64;
-    while let Some(chunk) = upstream.next_chunk(&mut resp).await.map_err(|e| e.to_string())? {
+    while let Some(chunk) = upstream
+        .next_chunk(&mut resp)
+        .await
+        .map_err(|e| e.to_string())?
+    {
         received += chunk.len() as u64;
         if received > layout.blob_len() {
             return Err("registry sent more bytes than the blob has".into());
@@ -157,7 +203,8 @@ async fn fetch(
                 let offset = layout.range(next).map_err(|e| e.to_string())?.start;
                 let hash = PieceHash::of(&piece);
                 let file = blob.file.clone();
-                let bytes = std::mem::replace(&mut piece, Vec::with_capacity(layout.piece_size() as usize));
+                let bytes =
+                    std::mem::replace(&mut piece, Vec::with_capacity(layout.piece_size() as usize));
                 tokio::task::spawn_blocking(move || file.write_all_at(&bytes, offset))
                     .await
                     .map_err(|e| e.to_string())?
@@ -168,7 +215,10 @@ async fn fetch(
         }
     }
     if received != layout.blob_len() {
-        return Err(format!("registry sent {received} of {} bytes", layout.blob_len()));
+        return Err(format!(
+            "registry sent {received} of {} bytes",
+            layout.blob_len()
+        ));
     }
     if BlobDigest::from_bytes(sha.finalize().into()) != digest {
         return Err("registry bytes do not match the digest".into());

@@ -95,14 +95,22 @@ impl Supernode {
             decisions: AtomicU64::new(0),
             seed_bytes: AtomicU64::new(0),
         });
-        state.scheduler().hello(Instant::now(), me, String::new(), quic_addr)?;
+        state
+            .scheduler()
+            .hello(Instant::now(), me, String::new(), quic_addr)?;
 
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(accept_quic(endpoint, state.clone()));
         tasks.spawn(serve_api(api, state.clone()));
         tasks.spawn(housekeeping(state));
         tracing::info!(%quic_addr, %api_addr, node = me.0, "supernode serving");
-        Ok(Supernode { quic_addr, api_addr, join_token, ca, tasks })
+        Ok(Supernode {
+            quic_addr,
+            api_addr,
+            join_token,
+            ca,
+            tasks,
+        })
     }
 }
 
@@ -114,7 +122,9 @@ fn rand_id() -> u64 {
 fn load_or_create_token(config: &SupernodeConfig, ca: &ClusterCa) -> anyhow::Result<JoinToken> {
     let path = config.data_dir.join("join-token");
     if let Ok(text) = std::fs::read_to_string(&path) {
-        let token: JoinToken = text.parse().with_context(|| format!("{} is not a join token", path.display()))?;
+        let token: JoinToken = text
+            .parse()
+            .with_context(|| format!("{} is not a join token", path.display()))?;
         if token.check_ca(ca.cert_pem()).is_ok() {
             return Ok(token);
         }
@@ -154,7 +164,9 @@ async fn accept_quic(endpoint: Endpoint, state: Arc<State>) {
     let seed_state = state.clone();
     let lookup: PieceLookup = Arc::new(move |digest, index| {
         let piece = seed_state.seed.get(digest)?.piece(index)?;
-        seed_state.seed_bytes.fetch_add(piece.1.end - piece.1.start, Ordering::Relaxed);
+        seed_state
+            .seed_bytes
+            .fetch_add(piece.1.end - piece.1.start, Ordering::Relaxed);
         Some(piece)
     });
     while let Some((conn, node)) = endpoint.accept().await {
@@ -164,7 +176,9 @@ async fn accept_quic(endpoint: Endpoint, state: Arc<State>) {
                 let (state, lookup, uploads) = (state.clone(), lookup.clone(), uploads.clone());
                 tokio::spawn(async move {
                     let result = match stream_kind(&mut recv).await {
-                        Some(StreamKind::Piece) => answer_piece(send, recv, &lookup, &uploads).await.map_err(|e| e.to_string()),
+                        Some(StreamKind::Piece) => answer_piece(send, recv, &lookup, &uploads)
+                            .await
+                            .map_err(|e| e.to_string()),
                         Some(StreamKind::Control) => control(&state, node, send, recv).await,
                         None => Err("unknown stream kind".into()),
                     };
@@ -185,27 +199,50 @@ async fn control(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<(), String> {
-    let bytes = recv.read_to_end(MAX_FRAME as usize).await.map_err(|e| e.to_string())?;
+    let bytes = recv
+        .read_to_end(MAX_FRAME as usize)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut decoder = FrameDecoder::default();
     decoder.push(&bytes);
-    let request: ToSupernode = decoder.decode().map_err(|e| e.to_string())?.ok_or("incomplete request")?;
+    let request: ToSupernode = decoder
+        .decode()
+        .map_err(|e| e.to_string())?
+        .ok_or("incomplete request")?;
     request.validate().map_err(|e| e.to_string())?;
     let now = Instant::now();
     let reply = match request {
-        ToSupernode::Hello { node: claimed, zone, peer_addr } => {
+        ToSupernode::Hello {
+            node: claimed,
+            zone,
+            peer_addr,
+        } => {
             if claimed != node {
                 return Err(format!("node {} claims to be {}", node.0, claimed.0));
             }
-            state.scheduler().hello(now, node, zone, peer_addr).map_err(|e| e.to_string())?;
+            state
+                .scheduler()
+                .hello(now, node, zone, peer_addr)
+                .map_err(|e| e.to_string())?;
             None
         }
-        ToSupernode::Want { digest, len, origin } => Some(want(state, node, now, digest, len, &origin)),
+        ToSupernode::Want {
+            digest,
+            len,
+            origin,
+        } => Some(want(state, node, now, digest, len, &origin)),
         ToSupernode::Have { digest, pieces } => {
-            state.scheduler().have(now, node, &digest, &pieces).map_err(|e| e.to_string())?;
+            state
+                .scheduler()
+                .have(now, node, &digest, &pieces)
+                .map_err(|e| e.to_string())?;
             None
         }
         ToSupernode::BadPiece { peer, .. } => {
-            state.scheduler().bad_piece(now, node, peer).map_err(|e| e.to_string())?;
+            state
+                .scheduler()
+                .bad_piece(now, node, peer)
+                .map_err(|e| e.to_string())?;
             None
         }
         ToSupernode::Drop { digest } => {
@@ -214,7 +251,9 @@ async fn control(
         }
     };
     if let Some(reply) = reply {
-        send.write_all(&frame::encode(&reply)).await.map_err(|e| e.to_string())?;
+        send.write_all(&frame::encode(&reply))
+            .await
+            .map_err(|e| e.to_string())?;
     }
     send.finish().map_err(|e| e.to_string())
 }
@@ -249,7 +288,12 @@ fn want(
     let _ = s.have(now, state.me, &digest, &held);
     let parents = s.parents(now, node, &digest).unwrap_or_default();
     state.decisions.fetch_add(1, Ordering::Relaxed);
-    FromSupernode::Task { digest, layout, hashes: progress.hashes, parents }
+    FromSupernode::Task {
+        digest,
+        layout,
+        hashes: progress.hashes,
+        parents,
+    }
 }
 
 async fn serve_api(listener: tokio::net::TcpListener, state: Arc<State>) {
@@ -260,14 +304,19 @@ async fn serve_api(listener: tokio::net::TcpListener, state: Arc<State>) {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(api(&state, req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
 }
 
 async fn api(state: &State, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: String| {
-        Response::builder().status(status).body(Full::new(Bytes::from(body))).expect("valid response")
+        Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::from(body)))
+            .expect("valid response")
     };
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
@@ -300,17 +349,25 @@ async fn api(state: &State, req: Request<hyper::body::Incoming>) -> Response<Ful
 
 /// `POST /join` with `{"secret": "<hex>", "csr": "<PEM>"}`: a node certificate for a node
 /// that knows the join token's secret.
-async fn join(state: &State, req: Request<hyper::body::Incoming>) -> Result<String, (StatusCode, String)> {
+async fn join(
+    state: &State,
+    req: Request<hyper::body::Incoming>,
+) -> Result<String, (StatusCode, String)> {
     let bad = |m: &str| (StatusCode::BAD_REQUEST, m.to_owned());
     let body = http_body_util::Limited::new(req.into_body(), 64 * 1024)
         .collect()
         .await
         .map_err(|_| bad("body too large or broken"))?
         .to_bytes();
-    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|_| bad("body is not JSON"))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|_| bad("body is not JSON"))?;
     let mut secret = [0u8; 16];
-    hex::decode_to_slice(v["secret"].as_str().unwrap_or(""), &mut secret).map_err(|_| bad("secret is not 32 hex"))?;
-    state.join_token.check_secret(&secret).map_err(|_| (StatusCode::FORBIDDEN, "wrong join secret".into()))?;
+    hex::decode_to_slice(v["secret"].as_str().unwrap_or(""), &mut secret)
+        .map_err(|_| bad("secret is not 32 hex"))?;
+    state
+        .join_token
+        .check_secret(&secret)
+        .map_err(|_| (StatusCode::FORBIDDEN, "wrong join secret".into()))?;
     let node = NodeId(rand_id());
     let cert = state
         .ca
