@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::flight::{Flight, FlightFailure, FlightState};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Source};
 use crate::store::Lease;
 
 /// Bytes read from disk per chunk sent. Small enough that eight slow readers stay far below
@@ -117,7 +117,7 @@ impl BlobReader {
                     let chunk = chunk.ok_or_else(|| {
                         io::Error::new(io::ErrorKind::UnexpectedEof, "registry body ended early")
                     })?;
-                    self.metrics.fetched(chunk.len() as u64);
+                    self.metrics.fetched(Source::Registry, chunk.len() as u64);
                     let room = (self.end - self.pos) as usize;
                     return Ok(if chunk.len() > room {
                         chunk.slice(..room)

@@ -19,7 +19,7 @@ use shoal_proto::BlobDigest;
 use shoal_registry_proxy::{ForwardHeaders, Registry, Upstream};
 use tokio::sync::{mpsc, watch};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Source};
 use crate::store::{PartialBlob, Store, StoreError};
 
 /// Bytes gathered before a write to the partial file; readers see progress in steps of at
@@ -193,7 +193,7 @@ impl FetchTask {
                 },
                 Err(e) => break Err(e.to_string()),
             };
-            metrics.fetched(chunk.len() as u64);
+            metrics.fetched(Source::Registry, chunk.len() as u64);
             received += chunk.len() as u64;
             if received > req.len {
                 break Err(format!(

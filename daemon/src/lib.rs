@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod planner;
 pub mod server;
 pub mod store;
+pub mod swarm;
 
 use std::convert::Infallible;
 use std::future::Future;

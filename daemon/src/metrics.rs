@@ -20,8 +20,13 @@ pub enum RequestKind {
 pub enum Source {
     /// A complete blob in the store.
     Store,
-    /// Fetched from the registry for this request (alone or shared with others).
+    /// Fetched for this request (alone or shared with others): from the registry, or from
+    /// the swarm (see the fetched-bytes metric for which part came from where).
     Registry,
+    /// Another node of the swarm.
+    Peer,
+    /// A supernode's seed.
+    Seed,
 }
 
 impl Source {
@@ -29,6 +34,8 @@ impl Source {
         match self {
             Self::Store => "store",
             Self::Registry => "registry",
+            Self::Peer => "peer",
+            Self::Seed => "seed",
         }
     }
 }
@@ -50,7 +57,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     blob_bytes_served: Family<SourceLabels, Counter>,
-    registry_bytes_fetched: Counter,
+    bytes_fetched: Family<SourceLabels, Counter>,
     store_hits: Counter,
     store_misses: Counter,
     store_bytes: Gauge,
@@ -62,7 +69,7 @@ impl Default for Metrics {
             registry: Registry::with_prefix("shoald"),
             requests: Family::default(),
             blob_bytes_served: Family::default(),
-            registry_bytes_fetched: Counter::default(),
+            bytes_fetched: Family::default(),
             store_hits: Counter::default(),
             store_misses: Counter::default(),
             store_bytes: Gauge::default(),
@@ -79,9 +86,9 @@ impl Default for Metrics {
             m.blob_bytes_served.clone(),
         );
         r.register(
-            "registry_bytes_fetched",
-            "Blob bytes fetched from registries",
-            m.registry_bytes_fetched.clone(),
+            "bytes_fetched",
+            "Blob bytes fetched, by source (registry, peer, seed)",
+            m.bytes_fetched.clone(),
         );
         r.register(
             "store_hits",
@@ -115,8 +122,10 @@ impl Metrics {
             .inc_by(bytes);
     }
 
-    pub fn fetched(&self, bytes: u64) {
-        self.registry_bytes_fetched.inc_by(bytes);
+    pub fn fetched(&self, source: Source, bytes: u64) {
+        self.bytes_fetched
+            .get_or_create(&SourceLabels { source })
+            .inc_by(bytes);
     }
 
     pub fn store_hit(&self) {
@@ -147,13 +156,13 @@ mod tests {
         let m = Metrics::default();
         m.request(RequestKind::Blob, 200);
         m.served(Source::Store, 42);
-        m.fetched(7);
+        m.fetched(Source::Registry, 7);
         m.store_hit();
         let text = m.encode(1234);
         for line in [
             "shoald_requests_total{kind=\"Blob\",status=\"200\"} 1",
             "shoald_blob_bytes_served_total{source=\"Store\"} 42",
-            "shoald_registry_bytes_fetched_total 7",
+            "shoald_bytes_fetched_total{source=\"Registry\"} 7",
             "shoald_store_hits_total 1",
             "shoald_store_bytes 1234",
         ] {

@@ -82,6 +82,11 @@ impl Supernode {
             .await
             .with_context(|| format!("cannot listen on {}", config.api_listen))?;
         let api_addr = api.local_addr()?;
+        // Joining nodes know only the supernode's address: /join (and the rest of the API)
+        // is also served over TCP on the QUIC port.
+        let join = tokio::net::TcpListener::bind(quic_addr)
+            .await
+            .with_context(|| format!("cannot listen on TCP {quic_addr} for joining nodes"))?;
         let upstream = Upstream::new(&config.upstream)?;
         let seed = Seed::new(config.data_dir.join("seed"), upstream)?;
         let ca = Arc::new(ca);
@@ -102,6 +107,7 @@ impl Supernode {
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(accept_quic(endpoint, state.clone()));
         tasks.spawn(serve_api(api, state.clone()));
+        tasks.spawn(serve_api(join, state.clone()));
         tasks.spawn(housekeeping(state));
         tracing::info!(%quic_addr, %api_addr, node = me.0, "supernode serving");
         Ok(Supernode {

@@ -1,0 +1,300 @@
+//! shoald as a member of the swarm: its identity, its connections to supernodes and peers,
+//! and the server that gives pieces to other nodes.
+//!
+//! A blob maps to one supernode by rendezvous hashing over the configured list; when that
+//! supernode cannot be reached, the next one in the blob's order takes over.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use sha2::{Digest as _, Sha256};
+use shoal_proto::BlobDigest;
+use shoal_proto::frame::{self, FrameDecoder, MAX_FRAME};
+use shoal_proto::message::{FromSupernode, NodeId, Origin, StreamKind, ToSupernode};
+use shoal_transport::ca::{self, NodeIdentity};
+use shoal_transport::pieces::{PieceLookup, serve_pieces};
+use shoal_transport::{Endpoint, JoinToken};
+
+/// Deadline for connecting to a peer or supernode, and for a control answer.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How shoald takes part in the swarm.
+#[derive(Debug, Clone)]
+pub struct SwarmConfig {
+    pub peer_listen: SocketAddr,
+    pub supernodes: Vec<SocketAddr>,
+    pub zone: String,
+    pub join_token: JoinToken,
+    pub max_upload_peers: usize,
+}
+
+/// The node's swarm endpoint and connections.
+#[derive(Debug)]
+pub struct Swarm {
+    pub me: NodeId,
+    endpoint: Endpoint,
+    peer_addr: SocketAddr,
+    zone: String,
+    supernodes: Vec<SocketAddr>,
+    conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    /// Connections (by quinn's stable id) that have said hello.
+    greeted: Mutex<HashSet<usize>>,
+    pub max_upload_peers: usize,
+}
+
+impl Swarm {
+    /// Gets (or reuses) the node's certificate and binds the peer endpoint.
+    pub async fn start(config: &SwarmConfig, data_dir: &Path) -> anyhow::Result<Arc<Swarm>> {
+        let identity = identity(data_dir, &config.join_token, &config.supernodes).await?;
+        let endpoint = Endpoint::bind(config.peer_listen, &identity)?;
+        let peer_addr = endpoint.local_addr()?;
+        tracing::info!(node = identity.node.0, %peer_addr, supernodes = ?config.supernodes, "joined the swarm");
+        Ok(Arc::new(Swarm {
+            me: identity.node,
+            endpoint,
+            peer_addr,
+            zone: config.zone.clone(),
+            supernodes: config.supernodes.clone(),
+            conns: Mutex::default(),
+            greeted: Mutex::default(),
+            max_upload_peers: config.max_upload_peers,
+        }))
+    }
+
+    /// Serves pieces to peers until the endpoint closes.
+    pub async fn serve(self: Arc<Self>, lookup: PieceLookup) {
+        let uploads = Arc::new(tokio::sync::Semaphore::new(self.max_upload_peers));
+        while let Some((conn, node)) = self.endpoint.accept().await {
+            tracing::debug!(node = node.0, "peer connected");
+            tokio::spawn(serve_pieces(conn, lookup.clone(), uploads.clone()));
+        }
+    }
+
+    /// A connection to `addr`, reused while it lives.
+    pub async fn conn(&self, addr: SocketAddr) -> anyhow::Result<quinn::Connection> {
+        if let Some(conn) = self
+            .lock_conns()
+            .get(&addr)
+            .filter(|c| c.close_reason().is_none())
+        {
+            return Ok(conn.clone());
+        }
+        let (conn, _node) = tokio::time::timeout(CONTROL_TIMEOUT, self.endpoint.connect(addr))
+            .await
+            .map_err(|_| anyhow::anyhow!("connecting to {addr} timed out"))??;
+        self.lock_conns().insert(addr, conn.clone());
+        Ok(conn)
+    }
+
+    fn lock_conns(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, quinn::Connection>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The supernodes in the order this blob should try them.
+    pub fn ranked(&self, digest: &BlobDigest) -> Vec<SocketAddr> {
+        let mut ranked: Vec<([u8; 32], SocketAddr)> = self
+            .supernodes
+            .iter()
+            .map(|a| {
+                (
+                    Sha256::new()
+                        .chain_update(digest.as_bytes())
+                        .chain_update(a.to_string())
+                        .finalize()
+                        .into(),
+                    *a,
+                )
+            })
+            .collect();
+        ranked.sort_by(|a, b| b.0.cmp(&a.0));
+        ranked.into_iter().map(|(_, a)| a).collect()
+    }
+
+    /// Sends a control message; returns the answer for messages that have one.
+    pub async fn control(
+        &self,
+        supernode: SocketAddr,
+        msg: &ToSupernode,
+    ) -> anyhow::Result<Option<FromSupernode>> {
+        let conn = self.conn(supernode).await?;
+        let fresh = self
+            .greeted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(conn.stable_id());
+        if fresh {
+            let hello = ToSupernode::Hello {
+                node: self.me,
+                zone: self.zone.clone(),
+                peer_addr: self.peer_addr,
+            };
+            self.exchange(&conn, &hello).await?;
+        }
+        self.exchange(&conn, msg).await
+    }
+
+    async fn exchange(
+        &self,
+        conn: &quinn::Connection,
+        msg: &ToSupernode,
+    ) -> anyhow::Result<Option<FromSupernode>> {
+        tokio::time::timeout(CONTROL_TIMEOUT, async {
+            let (mut send, mut recv) = conn.open_bi().await?;
+            send.write_all(&[StreamKind::Control as u8]).await?;
+            send.write_all(&frame::encode(msg)).await?;
+            send.finish()?;
+            let bytes = recv.read_to_end(MAX_FRAME as usize).await?;
+            if bytes.is_empty() {
+                return Ok(None);
+            }
+            let mut decoder = FrameDecoder::default();
+            decoder.push(&bytes);
+            let reply: FromSupernode = decoder.decode()?.context("incomplete answer")?;
+            reply.validate()?;
+            Ok(Some(reply))
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("supernode did not answer within {CONTROL_TIMEOUT:?}"))?
+    }
+
+    /// Asks the blob's supernodes, in order, for its task.
+    pub async fn want(
+        &self,
+        digest: BlobDigest,
+        len: u64,
+        origin: &Origin,
+    ) -> anyhow::Result<(SocketAddr, FromSupernode)> {
+        let msg = ToSupernode::Want {
+            digest,
+            len,
+            origin: origin.clone(),
+        };
+        let mut last = None;
+        for supernode in self.ranked(&digest) {
+            match self.control(supernode, &msg).await {
+                Ok(Some(reply)) => return Ok((supernode, reply)),
+                Ok(None) => last = Some(anyhow::anyhow!("{supernode} sent no task")),
+                Err(e) => {
+                    tracing::warn!(%supernode, error = %e, "supernode unreachable; trying the next");
+                    self.forget(supernode);
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no supernode configured")))
+    }
+
+    /// Sends a message that has no answer, without waiting.
+    pub fn notify(self: &Arc<Self>, supernode: SocketAddr, msg: ToSupernode) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.control(supernode, &msg).await {
+                tracing::debug!(%supernode, error = %e, "notification lost");
+            }
+        });
+    }
+
+    /// Drops a broken connection, so that the next use reconnects (and greets again).
+    pub fn forget(&self, addr: SocketAddr) {
+        if let Some(conn) = self.lock_conns().remove(&addr) {
+            self.greeted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&conn.stable_id());
+        }
+    }
+}
+
+/// The node's certificate: from `DATA_DIR/identity` when it was issued by the token's CA,
+/// else obtained now by joining.
+async fn identity(
+    data_dir: &Path,
+    token: &JoinToken,
+    supernodes: &[SocketAddr],
+) -> anyhow::Result<NodeIdentity> {
+    let dir = data_dir.join("identity");
+    let read = |name: &str| std::fs::read_to_string(dir.join(name));
+    if let (Ok(cert_pem), Ok(key_pem), Ok(ca_pem), Ok(node)) = (
+        read("cert.pem"),
+        read("key.pem"),
+        read("ca.pem"),
+        read("node"),
+    ) && token.check_ca(&ca_pem).is_ok()
+        && let Ok(node) = node.trim().parse()
+    {
+        return Ok(NodeIdentity {
+            node: NodeId(node),
+            cert_pem,
+            key_pem,
+            ca_pem,
+        });
+    }
+    let mut last = None;
+    for supernode in supernodes {
+        match join(*supernode, token).await {
+            Ok(identity) => {
+                save(&dir, &identity)?;
+                return Ok(identity);
+            }
+            Err(e) => {
+                tracing::warn!(%supernode, error = %e, "joining through this supernode failed");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no supernode configured")))
+        .context("cannot join the swarm")
+}
+
+async fn join(supernode: SocketAddr, token: &JoinToken) -> anyhow::Result<NodeIdentity> {
+    let (key, csr) = ca::node_request()?;
+    let body = serde_json::json!({"secret": hex::encode(token.secret), "csr": csr});
+    let resp = reqwest::Client::new()
+        .post(format!("http://{supernode}/join"))
+        .timeout(Duration::from_secs(10))
+        .body(body.to_string())
+        .send()
+        .await?;
+    let status = resp.status();
+    let text = resp.text().await?;
+    if !status.is_success() {
+        bail!("supernode refused the join ({status}): {}", text.trim());
+    }
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let ca_pem = v["ca"].as_str().context("no CA in the answer")?.to_owned();
+    token.check_ca(&ca_pem)?;
+    Ok(NodeIdentity {
+        node: NodeId(v["node"].as_u64().context("no node id in the answer")?),
+        cert_pem: v["cert"]
+            .as_str()
+            .context("no certificate in the answer")?
+            .to_owned(),
+        key_pem: key.serialize_pem(),
+        ca_pem,
+    })
+}
+
+fn save(dir: &Path, identity: &NodeIdentity) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::create_dir_all(dir)?;
+    for (name, text, mode) in [
+        ("cert.pem", identity.cert_pem.as_str(), 0o644),
+        ("ca.pem", identity.ca_pem.as_str(), 0o644),
+        ("key.pem", identity.key_pem.as_str(), 0o600),
+        ("node", &identity.node.0.to_string(), 0o644),
+    ] {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(dir.join(name))?;
+        f.write_all(text.as_bytes())?;
+    }
+    Ok(())
+}
