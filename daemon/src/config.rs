@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use bytesize::ByteSize;
 use serde::Deserialize;
 use shoal_registry_proxy::{Registry, UpstreamConfig};
+use shoal_transport::JoinToken;
+
+use crate::swarm::SwarmConfig;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:65001";
 const DEFAULT_DATA_DIR: &str = "/var/lib/shoal";
@@ -73,6 +76,59 @@ pub struct ServeArgs {
     /// stall this long has its connection closed, so containerd retries [default: 20s]
     #[arg(long, env = "SHOAL_STALL_TIMEOUT", value_name = "DURATION")]
     pub stall_timeout: Option<String>,
+
+    /// Supernode to join the swarm through (repeatable; IP:PORT). Without one, shoald
+    /// fetches every miss from the registry itself
+    #[arg(
+        long = "supernode",
+        env = "SHOAL_SUPERNODES",
+        value_delimiter = ',',
+        value_name = "ADDR",
+        help_heading = "Swarm"
+    )]
+    #[serde(default)]
+    pub supernodes: Vec<String>,
+
+    /// QUIC address other nodes fetch pieces from; must be an address they can reach
+    /// (required with --supernode)
+    #[arg(
+        long,
+        env = "SHOAL_PEER_LISTEN",
+        value_name = "IP:PORT",
+        help_heading = "Swarm"
+    )]
+    pub peer_listen: Option<String>,
+
+    /// Zone (or rack) of this node; the supernode prefers parents in the same zone
+    #[arg(long, env = "SHOAL_ZONE", value_name = "NAME", help_heading = "Swarm")]
+    pub zone: Option<String>,
+
+    /// Join token printed by shoal-supernode (DATA_DIR/join-token there)
+    #[arg(
+        long,
+        env = "SHOAL_JOIN_TOKEN",
+        value_name = "TOKEN",
+        help_heading = "Swarm"
+    )]
+    pub join_token: Option<String>,
+
+    /// File holding the join token
+    #[arg(
+        long,
+        env = "SHOAL_JOIN_TOKEN_FILE",
+        value_name = "FILE",
+        help_heading = "Swarm"
+    )]
+    pub join_token_file: Option<PathBuf>,
+
+    /// Pieces uploaded to peers at once; more requests are told to ask elsewhere [default: 16]
+    #[arg(
+        long,
+        env = "SHOAL_MAX_UPLOAD_PEERS",
+        value_name = "N",
+        help_heading = "Swarm"
+    )]
+    pub max_upload_peers: Option<usize>,
 }
 
 /// The resolved configuration: every value checked and present.
@@ -83,6 +139,8 @@ pub struct Config {
     pub cache_size: u64,
     pub default_registry: Registry,
     pub upstream: UpstreamConfig,
+    /// Present when shoald takes part in a swarm.
+    pub swarm: Option<SwarmConfig>,
 }
 
 /// Every problem found in the configuration, reported together.
@@ -103,6 +161,12 @@ impl ServeArgs {
             connect_timeout: self.connect_timeout.or(file.connect_timeout),
             header_timeout: self.header_timeout.or(file.header_timeout),
             stall_timeout: self.stall_timeout.or(file.stall_timeout),
+            supernodes: or_vec(self.supernodes, file.supernodes),
+            peer_listen: self.peer_listen.or(file.peer_listen),
+            zone: self.zone.or(file.zone),
+            join_token: self.join_token.or(file.join_token),
+            join_token_file: self.join_token_file.or(file.join_token_file),
+            max_upload_peers: self.max_upload_peers.or(file.max_upload_peers),
         }
     }
 }
@@ -126,6 +190,7 @@ impl Config {
             },
         };
 
+        let swarm = resolve_swarm(&args, &mut errors);
         let listen = check(
             &mut errors,
             args.listen.as_deref().unwrap_or(DEFAULT_LISTEN),
@@ -217,11 +282,72 @@ impl Config {
                     cache_size,
                     default_registry,
                     upstream,
+                    swarm,
                 })
             }
             _ => Err(ConfigErrors(errors)),
         }
     }
+}
+
+/// The swarm part of the configuration, if `--supernode` is given.
+fn resolve_swarm(args: &ServeArgs, errors: &mut Vec<String>) -> Option<SwarmConfig> {
+    if args.supernodes.is_empty() {
+        return None;
+    }
+    let supernodes: Vec<SocketAddr> = args
+        .supernodes
+        .iter()
+        .filter_map(|s| {
+            check(errors, s, |s| {
+                s.parse()
+                    .map_err(|e| format!("--supernode {s:?}: {e} (expected IP:PORT)"))
+            })
+        })
+        .collect();
+    let peer_listen = match args.peer_listen.as_deref() {
+        None => {
+            errors.push(
+                "--peer-listen is required with --supernode: the address peers reach this node on"
+                    .into(),
+            );
+            None
+        }
+        Some(s) => check(errors, s, |s| {
+            let addr: SocketAddr = s
+                .parse()
+                .map_err(|e| format!("--peer-listen {s:?}: {e} (expected IP:PORT)"))?;
+            if addr.ip().is_unspecified() {
+                return Err(format!(
+                    "--peer-listen {s:?}: give the address peers reach this node on, not a wildcard"
+                ));
+            }
+            Ok(addr)
+        }),
+    };
+    let token_text = match (&args.join_token, &args.join_token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(file)) => std::fs::read_to_string(file)
+            .map_err(|e| errors.push(format!("--join-token-file {}: {e}", file.display())))
+            .ok(),
+        (None, None) => {
+            errors.push("--join-token or --join-token-file is required with --supernode".into());
+            None
+        }
+    };
+    let join_token = token_text.and_then(|t| {
+        check(errors, &t, |t| {
+            t.parse::<JoinToken>()
+                .map_err(|e| format!("join token: {e}"))
+        })
+    });
+    Some(SwarmConfig {
+        peer_listen: peer_listen?,
+        supernodes,
+        zone: args.zone.clone().unwrap_or_default(),
+        join_token: join_token?,
+        max_upload_peers: args.max_upload_peers.unwrap_or(16).max(1),
+    })
 }
 
 fn check<T>(

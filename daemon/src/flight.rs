@@ -7,7 +7,8 @@
 //! the partial file up to what has been written. Only after the sha256 matches is the blob
 //! [`FlightState::Verified`] and committed to the store; a mismatch discards it.
 
-use std::sync::Arc;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -15,12 +16,15 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use http::{Method, StatusCode};
 use sha2::{Digest as _, Sha256};
-use shoal_proto::BlobDigest;
+use shoal_proto::message::PieceSet;
+use shoal_proto::{BlobDigest, PieceIndex, PieceLayout};
 use shoal_registry_proxy::{ForwardHeaders, Registry, Upstream};
 use tokio::sync::{mpsc, watch};
 
 use crate::metrics::{Metrics, Source};
+use crate::p2p::{P2pFetch, Verdict};
 use crate::store::{PartialBlob, Store, StoreError};
+use crate::swarm::Swarm;
 
 /// Bytes gathered before a write to the partial file; readers see progress in steps of at
 /// most this much (or of `FLUSH_AFTER`, whichever comes first).
@@ -60,6 +64,8 @@ pub struct Flight {
     pub len: u64,
     pub file: Arc<std::fs::File>,
     state: watch::Receiver<FlightState>,
+    /// On the swarm path: the verified pieces, which peers may have while the flight runs.
+    pieces: Arc<Mutex<Option<(PieceLayout, PieceSet)>>>,
 }
 
 impl Flight {
@@ -67,12 +73,22 @@ impl Flight {
     pub fn watch(&self) -> watch::Receiver<FlightState> {
         self.state.clone()
     }
+
+    /// The byte range of a piece this flight holds and has checked, for a peer.
+    pub fn piece(&self, index: PieceIndex) -> Option<Range<u64>> {
+        let pieces = self.pieces.lock().unwrap_or_else(|p| p.into_inner());
+        let (layout, set) = pieces.as_ref()?;
+        set.contains(index)
+            .then(|| layout.range(index).ok())
+            .flatten()
+    }
 }
 
 /// What a flight needs to fetch a blob.
 #[derive(Debug, Clone)]
 pub struct FetchRequest {
     pub registry: Registry,
+    pub repository: String,
     pub path: String,
     pub headers: ForwardHeaders,
     pub digest: BlobDigest,
@@ -83,9 +99,23 @@ pub struct FetchRequest {
 #[derive(Debug, Default)]
 pub struct Flights {
     map: DashMap<BlobDigest, Arc<Flight>>,
+    swarm: Option<Arc<Swarm>>,
 }
 
 impl Flights {
+    /// Flights that use the swarm when there is one, else the registry alone.
+    pub fn new(swarm: Option<Arc<Swarm>>) -> Self {
+        Self {
+            map: DashMap::new(),
+            swarm,
+        }
+    }
+
+    /// The flight under way for `digest`, if any.
+    pub fn get(&self, digest: &BlobDigest) -> Option<Arc<Flight>> {
+        self.map.get(digest).map(|f| f.clone())
+    }
+
     /// Joins the flight for `req.digest`, or starts one. Fails when the store cannot take
     /// the blob; the caller then streams from the registry without the store.
     pub fn join_or_start(
@@ -100,11 +130,13 @@ impl Flights {
             Entry::Vacant(e) => {
                 let partial = store.begin(&req.digest, req.len)?;
                 let (tx, rx) = watch::channel(FlightState::Connecting);
+                let pieces = Arc::new(Mutex::new(None));
                 let flight = Arc::new(Flight {
                     digest: req.digest,
                     len: req.len,
                     file: partial.file().clone(),
                     state: rx,
+                    pieces: pieces.clone(),
                 });
                 e.insert(flight.clone());
                 let task = FetchTask {
@@ -114,6 +146,8 @@ impl Flights {
                     upstream: upstream.clone(),
                     store: store.clone(),
                     metrics: metrics.clone(),
+                    swarm: self.swarm.clone(),
+                    pieces,
                 };
                 let flights = self.clone();
                 let this = flight.clone();
@@ -135,6 +169,8 @@ struct FetchTask {
     upstream: Upstream,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
+    swarm: Option<Arc<Swarm>>,
+    pieces: Arc<Mutex<Option<(PieceLayout, PieceSet)>>>,
 }
 
 impl FetchTask {
@@ -146,8 +182,27 @@ impl FetchTask {
             upstream,
             store,
             metrics,
+            swarm,
+            pieces,
         } = self;
         let started = Instant::now();
+        if let Some(swarm) = &swarm {
+            let p2p = P2pFetch {
+                swarm,
+                upstream: &upstream,
+                metrics: &metrics,
+                req: &req,
+                partial: &partial,
+                tx: &tx,
+                pieces: &pieces,
+            };
+            match p2p.run().await {
+                Ok(verdict) => return finish(verdict, partial, &tx, &store, &req, started).await,
+                Err(e) => {
+                    tracing::warn!(digest = %req.digest, error = %e, "the swarm cannot serve this blob; fetching it from the registry");
+                }
+            }
+        }
         let headers = req.headers.without_range();
         let mut resp = match upstream
             .send(Method::GET, &req.registry, &req.path, &headers)
@@ -235,25 +290,50 @@ impl FetchTask {
             return;
         }
         let got = BlobDigest::from_bytes(hasher.finalize().into());
-        if got != req.digest {
+        let verdict = if got == req.digest {
+            Verdict::Verified
+        } else {
+            Verdict::DigestMismatch
+        };
+        finish(verdict, partial, &tx, &store, &req, started).await;
+    }
+}
+
+/// Ends a flight: a verified blob goes to readers at once and then into the store.
+async fn finish(
+    verdict: Verdict,
+    partial: PartialBlob,
+    tx: &watch::Sender<FlightState>,
+    store: &Store,
+    req: &FetchRequest,
+    started: Instant,
+) {
+    match verdict {
+        Verdict::Verified => {}
+        Verdict::DigestMismatch => {
             tracing::error!(
-                digest = %req.digest, got = %got, registry = %req.registry,
-                "registry sent bytes that do not match the digest; discarded, clients' connections cut"
+                digest = %req.digest, registry = %req.registry,
+                "fetched bytes do not match the digest; discarded, clients' connections cut"
             );
             tx.send_replace(FlightState::Failed(FlightFailure::DigestMismatch));
             return;
         }
-        tx.send_replace(FlightState::Verified);
-        match tokio::task::spawn_blocking(move || partial.commit()).await {
-            Ok(Ok(())) => {
-                tracing::debug!(digest = %req.digest, bytes = req.len, elapsed = ?started.elapsed(), "blob stored");
-            }
-            Ok(Err(e)) => {
-                let e = store.io_error(e);
-                tracing::warn!(digest = %req.digest, error = %e, "could not commit a verified blob to the store");
-            }
-            Err(e) => tracing::warn!(digest = %req.digest, error = %e, "commit task failed"),
+        Verdict::Interrupted(message) => {
+            tracing::warn!(digest = %req.digest, error = %message, "blob fetch interrupted");
+            tx.send_replace(FlightState::Failed(FlightFailure::Interrupted(message)));
+            return;
         }
+    }
+    tx.send_replace(FlightState::Verified);
+    match tokio::task::spawn_blocking(move || partial.commit()).await {
+        Ok(Ok(())) => {
+            tracing::debug!(digest = %req.digest, bytes = req.len, elapsed = ?started.elapsed(), "blob stored");
+        }
+        Ok(Err(e)) => {
+            let e = store.io_error(e);
+            tracing::warn!(digest = %req.digest, error = %e, "could not commit a verified blob to the store");
+        }
+        Err(e) => tracing::warn!(digest = %req.digest, error = %e, "commit task failed"),
     }
 }
 

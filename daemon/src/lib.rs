@@ -11,6 +11,8 @@
 //! - [`server`]: the HTTP front containerd talks to.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`planner`]: the downloader's sans-IO core: which piece to ask which parent for.
+//! - [`p2p`]: the swarm path of a flight: pieces from peers and the seed, checked, written.
+//! - [`swarm`]: the node's identity, supernode and peer connections, and its piece server.
 //! - [`containerd`]: `shoald configure-containerd`, which writes `hosts.toml`.
 #![forbid(unsafe_code)]
 
@@ -20,6 +22,7 @@ pub mod config;
 pub mod containerd;
 pub mod flight;
 pub mod metrics;
+pub mod p2p;
 pub mod planner;
 pub mod server;
 pub mod store;
@@ -47,6 +50,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub struct Daemon {
     app: Arc<server::App>,
     listener: TcpListener,
+    swarm: Option<Arc<swarm::Swarm>>,
 }
 
 impl Daemon {
@@ -58,15 +62,24 @@ impl Daemon {
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let swarm = match &config.swarm {
+            Some(swarm) => Some(swarm::Swarm::start(swarm, &config.data_dir).await?),
+            None => None,
+        };
+        let flights = Arc::new(flight::Flights::new(swarm.clone()));
         let app = Arc::new(server::App {
             default_registry: config.default_registry.clone(),
             upstream,
             store,
-            flights: Default::default(),
+            flights,
             authz: Default::default(),
             metrics: Default::default(),
         });
-        Ok(Daemon { app, listener })
+        Ok(Daemon {
+            app,
+            listener,
+            swarm,
+        })
     }
 
     /// The bound address (useful with port 0).
@@ -76,7 +89,15 @@ impl Daemon {
 
     /// Serves until `shutdown` resolves, then gives open connections a short grace.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Daemon { app, listener } = self;
+        let Daemon {
+            app,
+            listener,
+            swarm,
+        } = self;
+        let mut background = JoinSet::new();
+        if let Some(swarm) = swarm {
+            background.spawn(swarm.serve(piece_lookup(&app)));
+        }
         tracing::info!(addr = %listener.local_addr().map_or("?".into(), |a| a.to_string()), "shoald listening");
         let mut connections = JoinSet::new();
         tokio::pin!(shutdown);
@@ -116,5 +137,24 @@ impl Daemon {
         })
         .await;
         connections.shutdown().await;
+        background.shutdown().await;
     }
+}
+
+/// Where the peer server finds pieces: a flight's checked pieces, or a complete blob.
+fn piece_lookup(app: &Arc<server::App>) -> shoal_transport::pieces::PieceLookup {
+    let app = app.clone();
+    Arc::new(move |digest, index| {
+        if let Some(flight) = app.flights.get(digest)
+            && let Some(range) = flight.piece(index)
+        {
+            return Some((flight.file.clone(), range));
+        }
+        let stored = app.store.open_complete(digest)?;
+        let range = shoal_proto::PieceLayout::for_blob(stored.len)
+            .ok()?
+            .range(index)
+            .ok()?;
+        Some((stored.file, range))
+    })
 }

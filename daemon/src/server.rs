@@ -362,6 +362,7 @@ async fn blob(
         }
         let fetch = FetchRequest {
             registry: registry.clone(),
+            repository: name.to_string(),
             path: path.to_owned(),
             headers: headers.clone(),
             digest: *digest,

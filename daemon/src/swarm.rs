@@ -110,7 +110,7 @@ impl Swarm {
                 )
             })
             .collect();
-        ranked.sort_by(|a, b| b.0.cmp(&a.0));
+        ranked.sort_by_key(|r| std::cmp::Reverse(r.0));
         ranked.into_iter().map(|(_, a)| a).collect()
     }
 

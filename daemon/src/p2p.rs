@@ -1,0 +1,314 @@
+//! The swarm path of a flight: pieces from peers and the seed, checked against their BLAKE3
+//! hashes, written at their offsets, announced to the supernode, and streamed to clients as
+//! they become contiguous. The [`Planner`] decides; this driver moves bytes. Pieces no peer
+//! can give (or all of them, when progress stalls) come from the registry.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, StatusCode};
+use sha2::{Digest as _, Sha256};
+use shoal_proto::message::{FromSupernode, NodeId, Origin, PieceSet, ToSupernode};
+use shoal_proto::{BlobDigest, PieceIndex, PieceLayout};
+use shoal_registry_proxy::Upstream;
+use shoal_transport::pieces::fetch_piece;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::flight::{FetchRequest, FlightState};
+use crate::metrics::{Metrics, Source};
+use crate::planner::{Failure, Planner, PlannerConfig, Request};
+use crate::store::PartialBlob;
+use crate::swarm::Swarm;
+
+/// How often the driver asks the supernode for new hashes and parents, and announces.
+const REFRESH: Duration = Duration::from_millis(200);
+/// Deadline for one piece from a peer.
+const PIECE_DEADLINE: Duration = Duration::from_secs(10);
+/// Registry failures of single pieces before the flight gives up.
+const MAX_REGISTRY_FAILURES: u32 = 5;
+
+/// How a swarm fetch ended.
+pub enum Verdict {
+    /// Every byte is in and the whole blob matched its sha256.
+    Verified,
+    DigestMismatch,
+    Interrupted(String),
+}
+
+pub struct P2pFetch<'a> {
+    pub swarm: &'a Arc<Swarm>,
+    pub upstream: &'a Upstream,
+    pub metrics: &'a Metrics,
+    pub req: &'a FetchRequest,
+    pub partial: &'a PartialBlob,
+    pub tx: &'a watch::Sender<FlightState>,
+    /// Verified pieces, which this node serves to peers while the flight runs.
+    pub pieces: &'a Mutex<Option<(PieceLayout, PieceSet)>>,
+}
+
+struct PieceResult {
+    piece: PieceIndex,
+    from: From,
+    bytes: Result<Bytes, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum From {
+    Peer(NodeId, SocketAddr),
+    Registry,
+}
+
+impl P2pFetch<'_> {
+    /// Runs the swarm path. An error means the swarm could not take the blob at all (no
+    /// supernode answered, or it refused) and nothing was written: use the registry.
+    pub async fn run(self) -> anyhow::Result<Verdict> {
+        let req = self.req;
+        let origin = Origin {
+            registry: req.registry.to_string(),
+            repository: req.repository.clone(),
+            authorization: req
+                .headers
+                .authorization
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        };
+        let (supernode, reply) = self.swarm.want(req.digest, req.len, &origin).await?;
+        let (layout, mut hashes, parents) = match reply {
+            FromSupernode::Task {
+                layout,
+                hashes,
+                parents,
+                ..
+            } if layout.blob_len() == req.len => (layout, hashes, parents),
+            FromSupernode::Task { .. } => {
+                anyhow::bail!("supernode's layout does not match the blob's length")
+            }
+            FromSupernode::Refused { reason, .. } => anyhow::bail!("supernode refused: {reason}"),
+        };
+        let now = Instant::now();
+        let mut planner = Planner::new(PlannerConfig::default(), layout, self.swarm.me, now);
+        let mut addrs: HashMap<NodeId, SocketAddr> =
+            parents.iter().map(|p| (p.node, p.addr)).collect();
+        planner.hashes_known(hashes.len() as u32);
+        planner.offer(parents);
+        *self.lock_pieces() = Some((layout, PieceSet::empty(layout.count())));
+        self.tx.send_replace(FlightState::Running { written: 0 });
+
+        let mut jobs: JoinSet<PieceResult> = JoinSet::new();
+        let mut announce = Vec::new();
+        let mut refresh = tokio::time::interval(REFRESH);
+        let mut registry_failures = 0;
+        let mut prefix = 0u32;
+        loop {
+            for request in planner.next_requests(Instant::now()) {
+                self.spawn(&mut jobs, request, &addrs, layout);
+            }
+            if planner.is_complete() {
+                break;
+            }
+            tokio::select! {
+                Some(done) = jobs.join_next() => {
+                    let Ok(done) = done else { continue };
+                    let now = Instant::now();
+                    let bytes = match done.bytes {
+                        Ok(bytes) => bytes,
+                        Err(e) => {
+                            tracing::debug!(piece = done.piece.0, from = ?done.from, error = %e, "piece failed");
+                            if done.from == From::Registry {
+                                registry_failures += 1;
+                                if registry_failures > MAX_REGISTRY_FAILURES {
+                                    return Ok(Verdict::Interrupted(format!("registry: {e}")));
+                                }
+                            }
+                            planner.failed(now, done.piece, Failure::Unavailable);
+                            continue;
+                        }
+                    };
+                    let hash = hashes.get(done.piece.0 as usize);
+                    if let (Some(hash), From::Peer(node, _)) = (hash, done.from)
+                        && !hash.matches(&bytes)
+                    {
+                        tracing::warn!(node = node.0, piece = done.piece.0, digest = %req.digest, "peer sent a bad piece; dropped and reported");
+                        planner.failed(now, done.piece, Failure::BadData);
+                        self.swarm.notify(supernode, ToSupernode::BadPiece { digest: req.digest, peer: node, piece: done.piece });
+                        continue;
+                    }
+                    let offset = layout.range(done.piece).map_err(anyhow::Error::from)?.start;
+                    let file = self.partial.file().clone();
+                    let len = bytes.len() as u64;
+                    let written = tokio::task::spawn_blocking(move || {
+                        std::os::unix::fs::FileExt::write_all_at(&*file, &bytes, offset)
+                    })
+                    .await;
+                    if let Err(e) = written.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+                        return Ok(Verdict::Interrupted(format!("store write: {e}")));
+                    }
+                    let source = match done.from {
+                        From::Peer(_, addr) if addr == supernode => Source::Seed,
+                        From::Peer(..) => Source::Peer,
+                        From::Registry => Source::Registry,
+                    };
+                    self.metrics.fetched(source, len);
+                    planner.done(now, done.piece);
+                    // Only pieces checked against a hash are offered to others.
+                    if hash.is_some() {
+                        if let Some((_, set)) = self.lock_pieces().as_mut() {
+                            set.insert(done.piece);
+                        }
+                        announce.push(done.piece);
+                    }
+                    while prefix < layout.count() && planner.have().contains(PieceIndex(prefix)) {
+                        prefix += 1;
+                    }
+                    let written = layout.range(PieceIndex(prefix)).map_or(layout.blob_len(), |r| r.start);
+                    self.tx.send_replace(FlightState::Running { written });
+                }
+                _ = refresh.tick() => {
+                    if !announce.is_empty() {
+                        let pieces = std::mem::take(&mut announce);
+                        self.swarm.notify(supernode, ToSupernode::Have { digest: req.digest, pieces });
+                    }
+                    let msg = ToSupernode::Want { digest: req.digest, len: req.len, origin: origin.clone() };
+                    if let Ok(Some(FromSupernode::Task { hashes: more, parents, .. })) = self.swarm.control(supernode, &msg).await {
+                        if more.len() > hashes.len() && more.len() <= layout.count() as usize {
+                            hashes = more;
+                            planner.hashes_known(hashes.len() as u32);
+                        }
+                        addrs.extend(parents.iter().map(|p| (p.node, p.addr)));
+                        planner.offer(parents);
+                    }
+                }
+            }
+        }
+        if !announce.is_empty() {
+            self.swarm.notify(
+                supernode,
+                ToSupernode::Have {
+                    digest: req.digest,
+                    pieces: announce,
+                },
+            );
+        }
+        jobs.abort_all();
+        Ok(self.verify().await)
+    }
+
+    fn lock_pieces(&self) -> std::sync::MutexGuard<'_, Option<(PieceLayout, PieceSet)>> {
+        self.pieces.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn spawn(
+        &self,
+        jobs: &mut JoinSet<PieceResult>,
+        request: Request,
+        addrs: &HashMap<NodeId, SocketAddr>,
+        layout: PieceLayout,
+    ) {
+        let digest = self.req.digest;
+        match request {
+            Request::Peer { parent, piece } => {
+                let Some(addr) = addrs.get(&parent).copied() else {
+                    return;
+                };
+                let swarm = self.swarm.clone();
+                let len = layout.len_of(piece).unwrap_or(0);
+                jobs.spawn(async move {
+                    let fetched = tokio::time::timeout(PIECE_DEADLINE, async {
+                        let conn = swarm.conn(addr).await.map_err(|e| e.to_string())?;
+                        fetch_piece(&conn, digest, piece, len)
+                            .await
+                            .map_err(|e| e.to_string())
+                    })
+                    .await
+                    .unwrap_or_else(|_| Err("peer too slow".into()));
+                    PieceResult {
+                        piece,
+                        from: From::Peer(parent, addr),
+                        bytes: fetched,
+                    }
+                });
+            }
+            Request::Registry { piece } => {
+                let (upstream, req) = (self.upstream.clone(), self.req.clone());
+                let range = layout.range(piece).unwrap_or(0..0);
+                jobs.spawn(async move {
+                    let bytes = registry_range(&upstream, &req, range.start, range.end).await;
+                    PieceResult {
+                        piece,
+                        from: From::Registry,
+                        bytes,
+                    }
+                });
+            }
+        }
+    }
+
+    /// Reads the whole blob back and checks its sha256.
+    async fn verify(&self) -> Verdict {
+        let file = self.partial.file().clone();
+        let (len, digest) = (self.req.len, self.req.digest);
+        let checked = tokio::task::spawn_blocking(move || {
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut pos = 0u64;
+            while pos < len {
+                let n = (len - pos).min(buf.len() as u64) as usize;
+                std::os::unix::fs::FileExt::read_exact_at(&*file, &mut buf[..n], pos)?;
+                hasher.update(&buf[..n]);
+                pos += n as u64;
+            }
+            Ok::<_, std::io::Error>(BlobDigest::from_bytes(hasher.finalize().into()))
+        })
+        .await;
+        match checked {
+            Ok(Ok(got)) if got == digest => Verdict::Verified,
+            Ok(Ok(_)) => Verdict::DigestMismatch,
+            Ok(Err(e)) => Verdict::Interrupted(e.to_string()),
+            Err(e) => Verdict::Interrupted(e.to_string()),
+        }
+    }
+}
+
+/// Bytes `[start, end)` of the blob from the registry, with the client's credentials.
+async fn registry_range(
+    upstream: &Upstream,
+    req: &FetchRequest,
+    start: u64,
+    end: u64,
+) -> Result<Bytes, String> {
+    if start == end {
+        return Ok(Bytes::new());
+    }
+    let mut headers = req.headers.without_range();
+    headers.range = HeaderValue::from_str(&format!("bytes={start}-{}", end - 1)).ok();
+    let mut resp = upstream
+        .send(Method::GET, &req.registry, &req.path, &headers)
+        .await
+        .map_err(|e| e.to_string())?;
+    if resp.status() != StatusCode::PARTIAL_CONTENT {
+        return Err(format!(
+            "registry answered {} to a piece range",
+            resp.status()
+        ));
+    }
+    let mut out = bytes::BytesMut::with_capacity((end - start) as usize);
+    while let Some(chunk) = upstream
+        .next_chunk(&mut resp)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        out.extend_from_slice(&chunk);
+        if out.len() as u64 > end - start {
+            return Err("registry sent more than the range".into());
+        }
+    }
+    if out.len() as u64 != end - start {
+        return Err("registry range ended early".into());
+    }
+    Ok(out.freeze())
+}
