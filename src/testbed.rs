@@ -140,6 +140,22 @@ impl Registry {
             .count()
     }
 
+    /// Blob bytes the registry sent (status 200 or 206 to a blob GET), from its access log.
+    pub fn blob_bytes_sent(&self) -> u64 {
+        std::fs::read_to_string(&self.log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"GET ") && l.contains("/blobs/sha256:"))
+            .filter_map(|l| {
+                let after = l.split("HTTP/1.1\" ").nth(1)?;
+                let mut fields = after.split_whitespace();
+                let status = fields.next()?;
+                let bytes: u64 = fields.next()?.parse().ok()?;
+                matches!(status, "200" | "206").then_some(bytes)
+            })
+            .sum()
+    }
+
     /// Every blob GET the registry answered with a body.
     pub fn all_blob_gets(&self) -> usize {
         std::fs::read_to_string(&self.log)

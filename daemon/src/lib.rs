@@ -63,7 +63,14 @@ impl Daemon {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let swarm = match &config.swarm {
-            Some(swarm) => Some(swarm::Swarm::start(swarm, &config.data_dir).await?),
+            Some(swarm) => match swarm::Swarm::start(swarm, &config.data_dir).await {
+                Ok(swarm) => Some(swarm),
+                // A node that cannot join still serves containerd, straight from registries.
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "cannot join the swarm; running as a plain mirror");
+                    None
+                }
+            },
             None => None,
         };
         let flights = Arc::new(flight::Flights::new(swarm.clone()));

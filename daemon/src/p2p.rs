@@ -174,13 +174,25 @@ impl P2pFetch<'_> {
                         self.swarm.notify(supernode, ToSupernode::Have { digest: req.digest, pieces });
                     }
                     let msg = ToSupernode::Want { digest: req.digest, len: req.len, origin: origin.clone() };
-                    if let Ok(Some(FromSupernode::Task { hashes: more, parents, .. })) = self.swarm.control(supernode, &msg).await {
-                        if more.len() > hashes.len() && more.len() <= layout.count() as usize {
-                            hashes = more;
-                            planner.hashes_known(hashes.len() as u32);
+                    match self.swarm.control(supernode, &msg).await {
+                        Ok(Some(FromSupernode::Task { hashes: more, parents, .. })) => {
+                            if more.len() > hashes.len() && more.len() <= layout.count() as usize {
+                                hashes = more;
+                                planner.hashes_known(hashes.len() as u32);
+                            }
+                            addrs.extend(parents.iter().map(|p| (p.node, p.addr)));
+                            planner.offer(parents);
                         }
-                        addrs.extend(parents.iter().map(|p| (p.node, p.addr)));
-                        planner.offer(parents);
+                        Ok(Some(FromSupernode::Refused { reason, .. })) => {
+                            tracing::warn!(digest = %req.digest, %reason, "supernode gave up on the blob; the rest comes from the registry");
+                            planner.registry_only();
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            // Stall detection takes over if this lasts.
+                            tracing::debug!(%supernode, error = %e, "supernode did not answer");
+                            self.swarm.forget(supernode);
+                        }
                     }
                 }
             }

@@ -12,8 +12,9 @@
 //! - at most `per_parent` requests in flight to one parent; a parent that fails is rested
 //!   for a while, one that sends bad data is never asked again;
 //! - a piece whose hash is not known yet is not asked for (it could not be checked);
-//! - when no parent can serve a missing piece, or nothing has arrived for `stall_after`,
-//!   the missing pieces go to the registry ([`Request::Registry`]).
+//! - a piece no parent has yet waits for the seed to publish it; when nothing has arrived
+//!   for `stall_after`, or the swarm gave up on the blob ([`Planner::registry_only`]), the
+//!   missing pieces go to the registry ([`Request::Registry`]).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -91,6 +92,8 @@ pub struct Planner {
     last_progress: Instant,
     /// Spreads tie-breaks between nodes.
     offset: u32,
+    /// The swarm cannot help (supernode gone or refused): everything from the registry.
+    registry_only: bool,
 }
 
 impl Planner {
@@ -106,6 +109,7 @@ impl Planner {
             cursor: 0,
             last_progress: now,
             offset: (me.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32 % count,
+            registry_only: false,
         }
     }
 
@@ -123,6 +127,11 @@ impl Planner {
             });
             state.pieces = p.pieces;
         }
+    }
+
+    /// From now on, every missing piece comes from the registry.
+    pub fn registry_only(&mut self) {
+        self.registry_only = true;
     }
 
     /// Hashes of the first `n` pieces are known.
@@ -183,7 +192,8 @@ impl Planner {
             self.failed(now, piece, Failure::Unavailable);
         }
 
-        let stalled = now.duration_since(self.last_progress) > self.config.stall_after;
+        let stalled =
+            self.registry_only || now.duration_since(self.last_progress) > self.config.stall_after;
         let mut out = Vec::new();
         for piece in self.candidates() {
             let request = if stalled {
@@ -200,7 +210,7 @@ impl Planner {
                     self.in_flight.insert(piece, (Source::Peer(parent), now));
                     Request::Peer { parent, piece }
                 }
-                None if stalled || !self.any_parent_could_serve(piece) => {
+                None if stalled => {
                     self.in_flight.insert(piece, (Source::Registry, now));
                     Request::Registry { piece }
                 }
@@ -257,14 +267,6 @@ impl Planner {
             })
             .min_by_key(|(id, p)| (p.in_flight, **id))
             .map(|(id, _)| *id)
-    }
-
-    /// Whether some parent (busy or resting, but not banned) holds the piece and its hash
-    /// will be known: then it is worth waiting for rather than going to the registry.
-    fn any_parent_could_serve(&self, piece: PieceIndex) -> bool {
-        self.parents
-            .values()
-            .any(|p| !p.banned && p.pieces.contains(piece))
     }
 }
 
@@ -393,20 +395,25 @@ mod tests {
     }
 
     #[test]
-    fn falls_back_to_the_registry_when_no_parent_has_a_piece_or_progress_stalls() {
+    fn falls_back_to_the_registry_when_progress_stalls_or_the_swarm_gives_up() {
         let (mut p, now) = planner(4);
         p.offer(vec![parent(1, 4, [0, 1])]);
         let reqs = p.next_requests(now);
-        assert!(reqs.contains(&Request::Registry {
-            piece: PieceIndex(2)
-        }));
-        assert!(reqs.contains(&Request::Registry {
-            piece: PieceIndex(3)
-        }));
-        assert!(reqs.contains(&Request::Peer {
-            parent: NodeId(1),
-            piece: PieceIndex(0)
-        }));
+        assert_eq!(reqs.len(), 2, "pieces 2 and 3 wait for the seed: {reqs:?}");
+        assert!(reqs.iter().all(|r| matches!(r, Request::Peer { .. })));
+        p.registry_only();
+        let reqs = p.next_requests(now);
+        assert_eq!(
+            reqs,
+            vec![
+                Request::Registry {
+                    piece: PieceIndex(2)
+                },
+                Request::Registry {
+                    piece: PieceIndex(3)
+                }
+            ]
+        );
 
         let (mut p, now) = planner(2);
         p.offer(vec![parent(1, 2, [0, 1])]);

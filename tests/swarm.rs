@@ -1,0 +1,163 @@
+//! The swarm over loopback QUIC with the real `docker-registry`: one supernode (in process)
+//! and several shoald (in process), pulling at the same moment.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{HANG, Registry};
+use shoal::image::Blob;
+use shoal_daemon::config::{Config, ServeArgs};
+use shoal_proto::BlobDigest;
+use shoal_registry_proxy::UpstreamConfig;
+use shoal_supernode::{Supernode, SupernodeConfig};
+
+const REPO: &str = "swarm/blob";
+
+fn random_blob(len: usize, seed: u8) -> Blob {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ u64::from(seed);
+    let bytes: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    Blob::new("application/octet-stream", bytes)
+}
+
+async fn supernode(dir: &std::path::Path, registry: &Registry) -> Supernode {
+    let upstream = UpstreamConfig {
+        insecure: [registry.addr.parse().unwrap()].into_iter().collect(),
+        ..Default::default()
+    };
+    let config = SupernodeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        api_listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.join("supernode"),
+        upstream,
+    };
+    Supernode::start(config).await.unwrap()
+}
+
+/// Starts a shoald in the swarm; returns its URL and a stopper.
+async fn daemon(
+    dir: &std::path::Path,
+    i: usize,
+    registry: &Registry,
+    supernodes: &[String],
+    token: &str,
+) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let args = ServeArgs {
+        listen: Some("127.0.0.1:0".into()),
+        data_dir: Some(dir.join(format!("d{i}"))),
+        cache_size: Some("1GiB".into()),
+        insecure_registries: vec![registry.addr.clone()],
+        supernodes: supernodes.to_vec(),
+        peer_listen: Some("127.0.0.1:0".into()),
+        join_token: Some(token.into()),
+        ..Default::default()
+    };
+    let daemon = shoal_daemon::Daemon::bind(&Config::resolve(args, None).unwrap())
+        .await
+        .unwrap();
+    let url = format!("http://{}", daemon.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(daemon.run(async move {
+        let _ = stopped.await;
+    }));
+    (url, stop)
+}
+
+fn fetched(metrics: &str, source: &str) -> u64 {
+    let prefix = format!("shoald_bytes_fetched_total{{source=\"{source}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// (a) 1 supernode + 8 daemons, all GET one 64 MiB blob at once: all get the right bytes,
+/// the registry sends at most 1.05 x the blob, and the daemons got bytes from peers.
+#[test]
+fn eight_daemons_pull_one_blob_and_the_registry_sends_it_about_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path(), &[]);
+    let blob = random_blob(64 << 20, 1);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        shoal::registry::push_blob(&client, &registry.url(), REPO, &blob, None).await.unwrap();
+        let before = registry.blob_bytes_sent();
+        let sn = supernode(dir.path(), &registry).await;
+        let supernodes = vec![sn.quic_addr.to_string()];
+        let token = sn.join_token.to_string();
+        let mut daemons = Vec::new();
+        for i in 0..8 {
+            daemons.push(daemon(dir.path(), i, &registry, &supernodes, &token).await);
+        }
+        let digest = blob.digest;
+        let gets = daemons.iter().map(|(url, _)| {
+            let url = format!("{url}/v2/{REPO}/blobs/{digest}?ns={}", registry.addr);
+            let client = client.clone();
+            tokio::spawn(async move { shoal::registry::fetch_verified(&client, &url, &digest).await })
+        });
+        let results = tokio::time::timeout(HANG, futures_util::future::join_all(gets)).await.expect("pulls hung");
+        for r in results {
+            r.unwrap().unwrap();
+        }
+        let sent = registry.blob_bytes_sent() - before;
+        let len = blob.bytes.len() as u64;
+        let mut from_peers = 0;
+        let mut from_seed = 0;
+        for (url, _) in &daemons {
+            let m = client.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
+            from_peers += fetched(&m, "Peer");
+            from_seed += fetched(&m, "Seed");
+        }
+        println!("registry sent {sent} bytes for a {len}-byte blob; daemons got {from_peers} from peers, {from_seed} from the seed");
+        assert!(sent as f64 <= 1.05 * len as f64, "registry sent {sent} bytes for a {len}-byte blob");
+        assert!(from_peers > 0, "no bytes came from peers");
+        drop(sn);
+    });
+}
+
+/// Without a reachable supernode, shoald still serves: straight from the registry.
+#[test]
+fn an_unreachable_supernode_falls_back_to_the_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path(), &[]);
+    let blob = random_blob(3 << 20, 2);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        shoal::registry::push_blob(&client, &registry.url(), REPO, &blob, None)
+            .await
+            .unwrap();
+        // A token of some CA, and a supernode address where nothing listens.
+        let ca = shoal_transport::ClusterCa::generate().unwrap();
+        let token = shoal_transport::JoinToken::new(&ca).to_string();
+        let dead = format!("127.0.0.1:{}", common::free_port());
+        let (url, _stop) = daemon(dir.path(), 0, &registry, &[dead], &token).await;
+        let url = format!("{url}/v2/{REPO}/blobs/{}?ns={}", blob.digest, registry.addr);
+        let got = tokio::time::timeout(
+            Duration::from_secs(60),
+            shoal::registry::fetch_verified(&client, &url, &blob.digest),
+        )
+        .await
+        .expect("hung");
+        got.unwrap();
+    });
+    let _ = Arc::new(());
+}
+
+#[allow(dead_code)]
+fn _digest(_: BlobDigest) {}
