@@ -295,6 +295,11 @@ impl Scheduler {
         Ok(parents)
     }
 
+    /// Number of peers banned for bad data.
+    pub fn banned(&self) -> usize {
+        self.banned.len()
+    }
+
     /// Number of known peers and tasks, for status and metrics.
     pub fn counts(&self) -> (usize, usize) {
         (self.peers.len(), self.tasks.len())

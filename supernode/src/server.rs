@@ -341,8 +341,15 @@ async fn api(state: &State, req: Request<hyper::body::Incoming>) -> Response<Ful
             )
         }
         (&Method::GET, "/status") => {
-            let (peers, tasks) = state.scheduler().counts();
-            let body = serde_json::json!({"node": state.me.0, "quic": state.quic_addr.to_string(), "peers": peers, "tasks": tasks});
+            let (peers, tasks, banned) = {
+                let s = state.scheduler();
+                let (peers, tasks) = s.counts();
+                (peers, tasks, s.banned())
+            };
+            let body = serde_json::json!({
+                "node": state.me.0, "quic": state.quic_addr.to_string(),
+                "peers": peers, "tasks": tasks, "banned": banned,
+            });
             text(StatusCode::OK, body.to_string())
         }
         (&Method::POST, "/join") => match join(state, req).await {
