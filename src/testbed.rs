@@ -167,19 +167,93 @@ impl Registry {
     }
 }
 
-/// The `shoald` binary built from this workspace: next to the running executable, or one
-/// level up (where test binaries live).
-pub fn shoald_bin() -> PathBuf {
+/// A binary built from this workspace: next to the running executable, or one level up
+/// (where test binaries live).
+pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap();
-    let candidates = [dir.join("shoald"), dir.parent().unwrap().join("shoald")];
+    let candidates = [dir.join(name), dir.parent().unwrap().join(name)];
     let found = candidates.iter().find(|p| p.is_file()).cloned();
     found.unwrap_or_else(|| {
         panic!(
-            "shoald is not built next to {}: run cargo build --workspace --bins",
+            "{name} is not built next to {}: run cargo build --workspace --bins",
             exe.display()
         )
     })
+}
+
+/// The `shoald` binary.
+pub fn shoald_bin() -> PathBuf {
+    workspace_bin("shoald")
+}
+
+/// A running `shoal-supernode` process.
+pub struct SupernodeProc {
+    /// QUIC (and join) address.
+    pub addr: String,
+    pub api: String,
+    pub join_token: String,
+    _proc: Proc,
+}
+
+impl SupernodeProc {
+    /// Starts a supernode with its data in `dir`, seeding from `registry` over plain HTTP.
+    pub fn start(dir: &Path, registry: &str) -> SupernodeProc {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let api = format!("127.0.0.1:{}", free_port());
+        std::fs::create_dir_all(dir).unwrap();
+        let log = std::fs::File::create(dir.join("supernode.log")).unwrap();
+        let child = Command::new(workspace_bin("shoal-supernode"))
+            .args([
+                "--listen",
+                &addr,
+                "--api-listen",
+                &api,
+                "--insecure-registry",
+                registry,
+            ])
+            .arg("--data-dir")
+            .arg(dir)
+            .env("SHOAL_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("shoal-supernode starts");
+        let proc = Proc(child);
+        wait_until("shoal-supernode", Duration::from_secs(20), || {
+            http_ok(&format!("http://{api}/healthz"))
+        });
+        let join_token = std::fs::read_to_string(dir.join("join-token"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        SupernodeProc {
+            addr,
+            api,
+            join_token,
+            _proc: proc,
+        }
+    }
+
+    /// shoald flags that join this supernode's swarm.
+    pub fn shoald_args(&self) -> Vec<String> {
+        let peer = format!("127.0.0.1:{}", free_port());
+        [
+            "--supernode",
+            &self.addr,
+            "--peer-listen",
+            &peer,
+            "--join-token",
+            &self.join_token,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    /// SIGKILL, as a crash would (dropping does the same).
+    pub fn kill9(self) {
+        drop(self);
+    }
 }
 
 /// A running shoald.

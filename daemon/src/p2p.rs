@@ -102,6 +102,11 @@ impl P2pFetch<'_> {
         let mut jobs: JoinSet<PieceResult> = JoinSet::new();
         let mut announce = Vec::new();
         let mut refresh = tokio::time::interval(REFRESH);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // At most one question to the supernode at a time, and never in the way of pieces:
+        // a supernode that stops answering must not slow the download.
+        let mut asking: Option<tokio::task::JoinHandle<anyhow::Result<Option<FromSupernode>>>> =
+            None;
         let mut registry_failures = 0;
         let mut prefix = 0u32;
         loop {
@@ -168,13 +173,18 @@ impl P2pFetch<'_> {
                     let written = layout.range(PieceIndex(prefix)).map_or(layout.blob_len(), |r| r.start);
                     self.tx.send_replace(FlightState::Running { written });
                 }
-                _ = refresh.tick() => {
+                _ = refresh.tick(), if asking.is_none() => {
                     if !announce.is_empty() {
                         let pieces = std::mem::take(&mut announce);
                         self.swarm.notify(supernode, ToSupernode::Have { digest: req.digest, pieces });
                     }
                     let msg = ToSupernode::Want { digest: req.digest, len: req.len, origin: origin.clone() };
-                    match self.swarm.control(supernode, &msg).await {
+                    let swarm = self.swarm.clone();
+                    asking = Some(tokio::spawn(async move { swarm.control(supernode, &msg).await }));
+                }
+                answer = async { asking.as_mut().expect("guarded").await }, if asking.is_some() => {
+                    asking = None;
+                    match answer.unwrap_or_else(|e| Err(e.into())) {
                         Ok(Some(FromSupernode::Task { hashes: more, parents, .. })) => {
                             if more.len() > hashes.len() && more.len() <= layout.count() as usize {
                                 hashes = more;
@@ -189,9 +199,9 @@ impl P2pFetch<'_> {
                         }
                         Ok(None) => {}
                         Err(e) => {
-                            // Stall detection takes over if this lasts.
-                            tracing::debug!(%supernode, error = %e, "supernode did not answer");
+                            tracing::warn!(%supernode, error = %e, "supernode lost mid-pull; pieces it had not hashed come from the registry");
                             self.swarm.forget(supernode);
+                            planner.hashes_final();
                         }
                     }
                 }
@@ -207,6 +217,9 @@ impl P2pFetch<'_> {
             );
         }
         jobs.abort_all();
+        if let Some(asking) = asking {
+            asking.abort();
+        }
         Ok(self.verify().await)
     }
 

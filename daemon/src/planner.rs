@@ -94,6 +94,9 @@ pub struct Planner {
     offset: u32,
     /// The swarm cannot help (supernode gone or refused): everything from the registry.
     registry_only: bool,
+    /// No more hashes will come (the supernode is gone): pieces without one come from the
+    /// registry at once; peers still serve the pieces that can be checked.
+    hashes_final: bool,
 }
 
 impl Planner {
@@ -110,6 +113,7 @@ impl Planner {
             last_progress: now,
             offset: (me.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32 % count,
             registry_only: false,
+            hashes_final: false,
         }
     }
 
@@ -132,6 +136,11 @@ impl Planner {
     /// From now on, every missing piece comes from the registry.
     pub fn registry_only(&mut self) {
         self.registry_only = true;
+    }
+
+    /// The supernode is gone: no more piece hashes will arrive.
+    pub fn hashes_final(&mut self) {
+        self.hashes_final = true;
     }
 
     /// Hashes of the first `n` pieces are known.
@@ -210,7 +219,7 @@ impl Planner {
                     self.in_flight.insert(piece, (Source::Peer(parent), now));
                     Request::Peer { parent, piece }
                 }
-                None if stalled => {
+                None if stalled || (self.hashes_final && piece.0 >= self.hashes_known) => {
                     self.in_flight.insert(piece, (Source::Registry, now));
                     Request::Registry { piece }
                 }
@@ -446,6 +455,20 @@ mod tests {
         p.hashes_known(2);
         let reqs = p.next_requests(now);
         assert_eq!(reqs.len(), 2);
+        // The supernode is gone: the pieces that cannot be checked come from the registry.
+        p.hashes_final();
+        let reqs = p.next_requests(now);
+        assert_eq!(
+            reqs,
+            vec![
+                Request::Registry {
+                    piece: PieceIndex(2)
+                },
+                Request::Registry {
+                    piece: PieceIndex(3)
+                }
+            ]
+        );
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub struct SupernodeConfig {
 
 /// A running supernode.
 pub struct Supernode {
+    endpoint: Endpoint,
     pub quic_addr: SocketAddr,
     pub api_addr: SocketAddr,
     pub join_token: JoinToken,
@@ -45,6 +46,10 @@ pub struct Supernode {
 
 impl Drop for Supernode {
     fn drop(&mut self) {
+        // Closing the endpoint ends every connection, as if the process had died.
+        self.endpoint
+            .inner
+            .close(0u32.into(), b"supernode stopping");
         self.tasks.abort_all();
     }
 }
@@ -105,12 +110,13 @@ impl Supernode {
             .hello(Instant::now(), me, String::new(), quic_addr)?;
 
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(accept_quic(endpoint, state.clone()));
+        tasks.spawn(accept_quic(endpoint.clone(), state.clone()));
         tasks.spawn(serve_api(api, state.clone()));
         tasks.spawn(serve_api(join, state.clone()));
         tasks.spawn(housekeeping(state));
         tracing::info!(%quic_addr, %api_addr, node = me.0, "supernode serving");
         Ok(Supernode {
+            endpoint,
             quic_addr,
             api_addr,
             join_token,
