@@ -9,9 +9,11 @@
 //! - [`demo`]: `shoal demo`, the main job on one machine.
 //! - [`testbed`]: real registry, containerd and shoald processes for tests and benches.
 //! - [`bench`]: `shoal bench mirror`, shoald's speed against a direct registry GET.
+//! - [`bench_swarm`]: `shoal bench swarm`, piece transfer against raw QUIC, swarm latency.
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bench_swarm;
 pub mod demo;
 pub mod image;
 pub mod origin;

@@ -25,6 +25,9 @@ enum Bench {
     /// shoald as a mirror vs direct GETs from docker-registry: throughput, latency, memory
     /// (needs docker-registry and a built shoald next to this binary)
     Mirror(shoal::bench::MirrorBenchArgs),
+    /// Piece transfer between two nodes vs raw QUIC; small-blob latency through the swarm
+    /// (needs docker-registry)
+    Swarm(shoal::bench_swarm::SwarmBenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -49,5 +52,6 @@ async fn run() -> anyhow::Result<()> {
     match cli.command {
         Command::Demo(args) => shoal::demo::run(&args).await,
         Command::Bench(Bench::Mirror(args)) => shoal::bench::mirror(&args).await,
+        Command::Bench(Bench::Swarm(args)) => shoal::bench_swarm::swarm(&args).await,
     }
 }

@@ -206,6 +206,7 @@ async fn corrupting_peer(
             digest,
             len,
             origin,
+            known_hashes: 0,
         },
         ToSupernode::Have {
             digest,

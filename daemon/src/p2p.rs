@@ -105,6 +105,7 @@ impl P2pFetch<'_> {
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // At most one question to the supernode at a time, and never in the way of pieces:
         // a supernode that stops answering must not slow the download.
+        let mut supernode_lost = false;
         let mut asking: Option<tokio::task::JoinHandle<anyhow::Result<Option<FromSupernode>>>> =
             None;
         let mut registry_failures = 0;
@@ -173,12 +174,23 @@ impl P2pFetch<'_> {
                     let written = layout.range(PieceIndex(prefix)).map_or(layout.blob_len(), |r| r.start);
                     self.tx.send_replace(FlightState::Running { written });
                 }
-                _ = refresh.tick(), if asking.is_none() => {
+                // While hashes are missing, ask again as soon as the last answer is in: the
+                // supernode holds each answer until the seed has more, which paces this.
+                _ = async {
+                    if supernode_lost || hashes.len() >= layout.count() as usize {
+                        refresh.tick().await;
+                    }
+                }, if asking.is_none() => {
                     if !announce.is_empty() {
                         let pieces = std::mem::take(&mut announce);
                         self.swarm.notify(supernode, ToSupernode::Have { digest: req.digest, pieces });
                     }
-                    let msg = ToSupernode::Want { digest: req.digest, len: req.len, origin: origin.clone() };
+                    let msg = ToSupernode::Want {
+                        digest: req.digest,
+                        len: req.len,
+                        origin: origin.clone(),
+                        known_hashes: hashes.len() as u32,
+                    };
                     let swarm = self.swarm.clone();
                     asking = Some(tokio::spawn(async move { swarm.control(supernode, &msg).await }));
                 }
@@ -186,6 +198,7 @@ impl P2pFetch<'_> {
                     asking = None;
                     match answer.unwrap_or_else(|e| Err(e.into())) {
                         Ok(Some(FromSupernode::Task { hashes: more, parents, .. })) => {
+                            supernode_lost = false;
                             if more.len() > hashes.len() && more.len() <= layout.count() as usize {
                                 hashes = more;
                                 planner.hashes_known(hashes.len() as u32);
@@ -202,6 +215,7 @@ impl P2pFetch<'_> {
                             tracing::warn!(%supernode, error = %e, "supernode lost mid-pull; pieces it had not hashed come from the registry");
                             self.swarm.forget(supernode);
                             planner.hashes_final();
+                            supernode_lost = true;
                         }
                     }
                 }

@@ -172,6 +172,7 @@ impl Swarm {
             digest,
             len,
             origin: origin.clone(),
+            known_hashes: 0,
         };
         let mut last = None;
         for supernode in self.ranked(&digest) {

@@ -155,11 +155,14 @@ pub enum ToSupernode {
         zone: String,
         peer_addr: SocketAddr,
     },
-    /// The node wants a blob of `len` bytes (as the registry said): send its task.
+    /// The node wants a blob of `len` bytes (as the registry said) and knows the hashes of
+    /// its first `known_hashes` pieces: send its task. While the seed is still fetching, the
+    /// supernode holds the answer (briefly) until it has more hashes than that.
     Want {
         digest: BlobDigest,
         len: u64,
         origin: Origin,
+        known_hashes: u32,
     },
     /// The node now holds these pieces (batched).
     Have {

@@ -37,6 +37,7 @@ pub struct SeedBlob {
     pub layout: PieceLayout,
     file: Arc<File>,
     progress: Mutex<SeedProgress>,
+    changed: tokio::sync::Notify,
 }
 
 impl SeedBlob {
@@ -62,6 +63,25 @@ impl SeedBlob {
 
     fn update(&self, f: impl FnOnce(&mut SeedProgress)) {
         f(&mut self.progress.lock().unwrap_or_else(|p| p.into_inner()));
+        self.changed.notify_waiters();
+    }
+
+    /// The progress once the seed has more than `known` hashes, has finished, or `within`
+    /// has passed, whichever comes first.
+    pub async fn wait_beyond(&self, known: usize, within: std::time::Duration) -> SeedProgress {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let progress = self.progress();
+            if progress.hashes.len() > known || progress.state != SeedState::Fetching {
+                return progress;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.progress();
+            }
+        }
     }
 }
 
@@ -129,6 +149,7 @@ impl Seed {
             layout,
             file: Arc::new(file),
             progress: Mutex::new(SeedProgress::default()),
+            changed: tokio::sync::Notify::new(),
         });
         self.blobs.insert(digest, blob.clone());
         let headers = ForwardHeaders {

@@ -23,6 +23,8 @@ use shoal_transport::{ClusterCa, Endpoint, JoinToken};
 use crate::seed::{Seed, SeedState};
 use crate::{Scheduler, SchedulerConfig};
 
+/// Longest a `Want` is held while the seed has no hashes beyond what the node knows.
+const HOLD_WANT: Duration = Duration::from_millis(200);
 /// Pieces the seed sends at once.
 const SEED_UPLOADS: usize = 64;
 
@@ -242,7 +244,8 @@ async fn control(
             digest,
             len,
             origin,
-        } => Some(want(state, node, now, digest, len, &origin)),
+            known_hashes,
+        } => Some(want(state, node, now, digest, len, &origin, known_hashes).await),
         ToSupernode::Have { digest, pieces } => {
             state
                 .scheduler()
@@ -270,13 +273,14 @@ async fn control(
     send.finish().map_err(|e| e.to_string())
 }
 
-fn want(
+async fn want(
     state: &State,
     node: NodeId,
     now: Instant,
     digest: shoal_proto::BlobDigest,
     len: u64,
     origin: &shoal_proto::message::Origin,
+    known_hashes: u32,
 ) -> FromSupernode {
     let refused = |reason: String| FromSupernode::Refused { digest, reason };
     let layout = match PieceLayout::for_blob(len) {
@@ -290,7 +294,7 @@ fn want(
         Ok(seed) => seed,
         Err(e) => return refused(e.to_string()),
     };
-    let progress = seed.progress();
+    let progress = seed.wait_beyond(known_hashes as usize, HOLD_WANT).await;
     if let SeedState::Failed(reason) = progress.state {
         return refused(format!("seed: {reason}"));
     }

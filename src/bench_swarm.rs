@@ -1,0 +1,203 @@
+//! `shoal bench swarm`: the swarm's transfer speed against raw QUIC in the same run, and the
+//! latency a small blob pays for going through the swarm.
+//!
+//! - one hop: a node fetches every piece of a blob from another node (the piece protocol,
+//!   8 requests in flight on one connection), vs raw quinn moving the same bytes on one
+//!   stream between the same two endpoints (same TLS, same socket buffers);
+//! - small blobs: 1 MiB blobs GET directly from `docker-registry` vs through a shoald that
+//!   is in a swarm (supernode in process: the seed fetches, the node takes the piece).
+
+use std::os::unix::fs::FileExt as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures_util::StreamExt as _;
+use shoal_proto::message::NodeId;
+use shoal_proto::{BlobDigest, PieceLayout};
+use shoal_transport::pieces::{PieceLookup, fetch_piece, serve_pieces};
+use shoal_transport::{ClusterCa, Endpoint};
+
+use crate::image::{Image, LayerSpec};
+use crate::testbed::Registry;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SwarmBenchArgs {
+    /// Bytes moved in the one-hop figures, in MiB
+    #[arg(long, default_value_t = 1024)]
+    pub mib: usize,
+    /// Runs of each one-hop figure (the median is reported)
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Distinct 1 MiB blobs for the latency figures
+    #[arg(long, default_value_t = 20)]
+    pub small_blobs: usize,
+}
+
+fn median(mut xs: Vec<Duration>) -> Duration {
+    xs.sort();
+    xs[xs.len() / 2]
+}
+
+fn gbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e9
+}
+
+/// Raw quinn: `len` bytes on one unidirectional stream, written from one reused buffer.
+async fn raw_quinn(sender: &Endpoint, receiver: &Endpoint, len: u64) -> anyhow::Result<Duration> {
+    let addr = receiver.local_addr()?;
+    let receiver = receiver.clone();
+    let sink = tokio::spawn(async move {
+        let (conn, _) = receiver.accept().await.context("no connection")?;
+        let mut recv = conn.accept_uni().await?;
+        let mut got = 0u64;
+        while let Some(chunk) = recv.read_chunk(1 << 20, true).await? {
+            got += chunk.bytes.len() as u64;
+        }
+        anyhow::Ok(got)
+    });
+    let started = Instant::now();
+    let (conn, _) = sender.connect(addr).await?;
+    let mut send = conn.open_uni().await?;
+    let buf = bytes::Bytes::from(vec![7u8; 1 << 20]);
+    let mut sent = 0u64;
+    while sent < len {
+        send.write_chunk(buf.clone()).await?;
+        sent += buf.len() as u64;
+    }
+    send.finish()?;
+    let got = sink.await??;
+    let took = started.elapsed();
+    anyhow::ensure!(got == sent, "raw quinn moved {got} of {sent} bytes");
+    conn.close(0u32.into(), b"done");
+    Ok(took)
+}
+
+/// The piece protocol: every piece of a `len`-byte blob, 8 requests in flight.
+async fn one_hop(holder: &Endpoint, asker: &Endpoint, len: u64) -> anyhow::Result<Duration> {
+    let layout = PieceLayout::for_blob(len)?;
+    let file = tempfile::tempfile()?;
+    let chunk = vec![9u8; 1 << 20];
+    let mut pos = 0;
+    while pos < len {
+        file.write_all_at(&chunk, pos)?;
+        pos += chunk.len() as u64;
+    }
+    let file = Arc::new(file);
+    let digest = BlobDigest::of(b"bench");
+    let lookup: PieceLookup = Arc::new(move |d, i| {
+        if *d == digest {
+            Some((file.clone(), layout.range(i).ok()?))
+        } else {
+            None
+        }
+    });
+    let server = holder.clone();
+    let serving = tokio::spawn(async move {
+        if let Some((conn, _)) = server.accept().await {
+            serve_pieces(conn, lookup, Arc::new(tokio::sync::Semaphore::new(64))).await;
+        }
+    });
+    let started = Instant::now();
+    let (conn, _) = asker.connect(holder.local_addr()?).await?;
+    let mut moved = 0u64;
+    let mut pieces = futures_util::stream::iter(layout.pieces())
+        .map(|i| fetch_piece(&conn, digest, i, layout.len_of(i).unwrap_or(0)))
+        .buffer_unordered(8);
+    while let Some(piece) = pieces.next().await {
+        moved += piece?.len() as u64;
+    }
+    drop(pieces);
+    let took = started.elapsed();
+    conn.close(0u32.into(), b"done");
+    serving.abort();
+    anyhow::ensure!(moved == len, "moved {moved} of {len} bytes");
+    Ok(took)
+}
+
+pub async fn swarm(args: &SwarmBenchArgs) -> anyhow::Result<()> {
+    let ca = ClusterCa::generate()?;
+    let local = "127.0.0.1:0".parse()?;
+    let len = (args.mib as u64) << 20;
+    let (mut raw, mut hop) = (Vec::new(), Vec::new());
+    for _ in 0..args.runs {
+        let a = Endpoint::bind(local, &ca.issue(NodeId(1))?)?;
+        let b = Endpoint::bind(local, &ca.issue(NodeId(2))?)?;
+        raw.push(raw_quinn(&a, &b, len).await?);
+        let a = Endpoint::bind(local, &ca.issue(NodeId(3))?)?;
+        let b = Endpoint::bind(local, &ca.issue(NodeId(4))?)?;
+        hop.push(one_hop(&a, &b, len).await?);
+    }
+    let (raw, hop) = (median(raw), median(hop));
+
+    let dir = tempfile::tempdir()?;
+    let registry = tokio::task::block_in_place(|| Registry::start(dir.path(), &[]));
+    let client = reqwest::Client::new();
+    let blobs: Vec<_> = (0..args.small_blobs)
+        .map(|i| {
+            Image::build(&[LayerSpec::Random { size: 1 << 20 }], 500 + i as u64).layers[0].clone()
+        })
+        .collect();
+    for blob in &blobs {
+        crate::registry::push_blob(&client, &registry.url(), "bench/swarm", blob, None).await?;
+    }
+    let sn = shoal_supernode::Supernode::start(shoal_supernode::SupernodeConfig {
+        listen: local,
+        api_listen: local,
+        data_dir: dir.path().join("sn"),
+        upstream: shoal_registry_proxy::UpstreamConfig {
+            insecure: [registry.addr.parse()?].into_iter().collect(),
+            ..Default::default()
+        },
+    })
+    .await?;
+    let serve = shoal_daemon::config::ServeArgs {
+        listen: Some("127.0.0.1:0".into()),
+        data_dir: Some(dir.path().join("d")),
+        insecure_registries: vec![registry.addr.clone()],
+        supernodes: vec![sn.quic_addr.to_string()],
+        peer_listen: Some("127.0.0.1:0".into()),
+        join_token: Some(sn.join_token.to_string()),
+        ..Default::default()
+    };
+    let daemon = shoal_daemon::Daemon::bind(&shoal_daemon::Config::resolve(serve, None)?).await?;
+    let mirror = format!("http://{}", daemon.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(daemon.run(async move {
+        let _ = stopped.await;
+    }));
+    let (mut direct, mut via) = (Vec::new(), Vec::new());
+    for blob in &blobs {
+        let url = format!("{}/v2/bench/swarm/blobs/{}", registry.url(), blob.digest);
+        let started = Instant::now();
+        crate::registry::fetch_verified(&client, &url, &blob.digest).await?;
+        direct.push(started.elapsed());
+        let url = format!(
+            "{mirror}/v2/bench/swarm/blobs/{}?ns={}",
+            blob.digest, registry.addr
+        );
+        let started = Instant::now();
+        crate::registry::fetch_verified(&client, &url, &blob.digest).await?;
+        via.push(started.elapsed());
+    }
+    let _ = stop.send(());
+    let (direct, via) = (median(direct), median(via));
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+
+    println!("| what | raw | shoal | ratio / added | target |");
+    println!("| --- | --- | --- | --- | --- |");
+    println!(
+        "| one hop, {} MiB in 1 MiB pieces (8 in flight) vs one raw quinn stream | {:.2} GB/s | {:.2} GB/s | {:.2}x | >= 0.75x |",
+        args.mib,
+        gbps(len, raw),
+        gbps(len, hop),
+        raw.as_secs_f64() / hop.as_secs_f64()
+    );
+    println!(
+        "| 1 MiB blob through the swarm (seed fetch + piece), median | {:.2} ms | {:.2} ms | +{:.2} ms | <= +10 ms |",
+        ms(direct),
+        ms(via),
+        ms(via.saturating_sub(direct))
+    );
+    Ok(())
+}
