@@ -215,6 +215,10 @@ impl P2pFetch<'_> {
                             tracing::warn!(%supernode, error = %e, "supernode lost mid-pull; pieces it had not hashed come from the registry");
                             self.swarm.forget(supernode);
                             planner.hashes_final();
+                            // The supernode was also the seed: it serves no more pieces.
+                            for (node, _) in addrs.iter().filter(|(_, a)| **a == supernode) {
+                                planner.remove_parent(*node);
+                            }
                             supernode_lost = true;
                         }
                     }

@@ -138,6 +138,16 @@ impl Planner {
         self.registry_only = true;
     }
 
+    /// A parent is gone for good (e.g. the seed of a supernode that died): never ask it
+    /// again, and free its pieces in flight for others.
+    pub fn remove_parent(&mut self, node: NodeId) {
+        if let Some(p) = self.parents.get_mut(&node) {
+            p.banned = true;
+        }
+        self.in_flight
+            .retain(|_, (source, _)| *source != Source::Peer(node));
+    }
+
     /// The supernode is gone: no more piece hashes will arrive.
     pub fn hashes_final(&mut self) {
         self.hashes_final = true;
@@ -219,7 +229,12 @@ impl Planner {
                     self.in_flight.insert(piece, (Source::Peer(parent), now));
                     Request::Peer { parent, piece }
                 }
-                None if stalled || (self.hashes_final && piece.0 >= self.hashes_known) => {
+                // Without a supernode nothing new will be learned: a piece that cannot be
+                // checked, or that no remaining parent holds, comes from the registry now.
+                None if stalled
+                    || (self.hashes_final
+                        && (piece.0 >= self.hashes_known || !self.any_parent_has(piece))) =>
+                {
                     self.in_flight.insert(piece, (Source::Registry, now));
                     Request::Registry { piece }
                 }
@@ -255,6 +270,12 @@ impl Planner {
         rest.sort_unstable();
         order.extend(rest.into_iter().map(|(_, _, p)| p));
         order
+    }
+
+    fn any_parent_has(&self, piece: PieceIndex) -> bool {
+        self.parents
+            .values()
+            .any(|p| !p.banned && p.pieces.contains(piece))
     }
 
     fn usable(&self, now: Instant, p: &ParentState) -> bool {

@@ -4,7 +4,7 @@
 //! A blob maps to one supernode by rendezvous hashing over the configured list; when that
 //! supernode cannot be reached, the next one in the blob's order takes over.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -41,8 +41,8 @@ pub struct Swarm {
     zone: String,
     supernodes: Vec<SocketAddr>,
     conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
-    /// Connections (by quinn's stable id) that have said hello.
-    greeted: Mutex<HashSet<usize>>,
+    /// Held while a connection is being made.
+    connecting: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
     pub max_upload_peers: usize,
 }
 
@@ -60,7 +60,7 @@ impl Swarm {
             zone: config.zone.clone(),
             supernodes: config.supernodes.clone(),
             conns: Mutex::default(),
-            greeted: Mutex::default(),
+            connecting: Mutex::default(),
             max_upload_peers: config.max_upload_peers,
         }))
     }
@@ -74,18 +74,42 @@ impl Swarm {
         }
     }
 
-    /// A connection to `addr`, reused while it lives.
+    /// A connection to `addr`, reused while it lives. A new connection to a supernode
+    /// says hello before anyone else may use it: the supernode knows a node by its hello,
+    /// and forgets it when that connection closes.
     pub async fn conn(&self, addr: SocketAddr) -> anyhow::Result<quinn::Connection> {
-        if let Some(conn) = self
-            .lock_conns()
-            .get(&addr)
-            .filter(|c| c.close_reason().is_none())
-        {
-            return Ok(conn.clone());
+        let cached = || {
+            self.lock_conns()
+                .get(&addr)
+                .filter(|c| c.close_reason().is_none())
+                .cloned()
+        };
+        if let Some(conn) = cached() {
+            return Ok(conn);
+        }
+        // One connection per address: racing callers wait for the first to finish.
+        let gate = self
+            .connecting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(addr)
+            .or_default()
+            .clone();
+        let _connecting = gate.lock().await;
+        if let Some(conn) = cached() {
+            return Ok(conn);
         }
         let (conn, _node) = tokio::time::timeout(CONTROL_TIMEOUT, self.endpoint.connect(addr))
             .await
             .map_err(|_| anyhow::anyhow!("connecting to {addr} timed out"))??;
+        if self.supernodes.contains(&addr) {
+            let hello = ToSupernode::Hello {
+                node: self.me,
+                zone: self.zone.clone(),
+                peer_addr: self.peer_addr,
+            };
+            self.exchange(&conn, &hello).await?;
+        }
         self.lock_conns().insert(addr, conn.clone());
         Ok(conn)
     }
@@ -121,19 +145,6 @@ impl Swarm {
         msg: &ToSupernode,
     ) -> anyhow::Result<Option<FromSupernode>> {
         let conn = self.conn(supernode).await?;
-        let fresh = self
-            .greeted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(conn.stable_id());
-        if fresh {
-            let hello = ToSupernode::Hello {
-                node: self.me,
-                zone: self.zone.clone(),
-                peer_addr: self.peer_addr,
-            };
-            self.exchange(&conn, &hello).await?;
-        }
         self.exchange(&conn, msg).await
     }
 
@@ -202,10 +213,8 @@ impl Swarm {
     /// Drops a broken connection, so that the next use reconnects (and greets again).
     pub fn forget(&self, addr: SocketAddr) {
         if let Some(conn) = self.lock_conns().remove(&addr) {
-            self.greeted
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&conn.stable_id());
+            // Requests still waiting on it fail now instead of at their deadlines.
+            conn.close(0u32.into(), b"unreachable");
         }
     }
 }
