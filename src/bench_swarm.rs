@@ -105,7 +105,7 @@ async fn one_hop(holder: &Endpoint, asker: &Endpoint, len: u64) -> anyhow::Resul
         .map(|i| fetch_piece(&conn, digest, i, layout.len_of(i).unwrap_or(0)))
         .buffer_unordered(8);
     while let Some(piece) = pieces.next().await {
-        moved += piece?.len() as u64;
+        moved += piece?.len as u64;
     }
     drop(pieces);
     let took = started.elapsed();

@@ -8,13 +8,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode};
 use sha2::{Digest as _, Sha256};
 use shoal_proto::message::{FromSupernode, NodeId, Origin, PieceSet, ToSupernode};
 use shoal_proto::{BlobDigest, PieceIndex, PieceLayout};
 use shoal_registry_proxy::Upstream;
-use shoal_transport::pieces::fetch_piece;
+use shoal_transport::pieces::{Piece, fetch_piece};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -53,7 +52,7 @@ pub struct P2pFetch<'a> {
 struct PieceResult {
     piece: PieceIndex,
     from: From,
-    bytes: Result<Bytes, String>,
+    bytes: Result<Piece, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,7 +136,7 @@ impl P2pFetch<'_> {
                     };
                     let hash = hashes.get(done.piece.0 as usize);
                     if let (Some(hash), From::Peer(node, _)) = (hash, done.from)
-                        && !hash.matches(&bytes)
+                        && !hash.matches_chunks(&bytes.chunks)
                     {
                         tracing::warn!(node = node.0, piece = done.piece.0, digest = %req.digest, "peer sent a bad piece; dropped and reported");
                         planner.failed(now, done.piece, Failure::BadData);
@@ -146,9 +145,9 @@ impl P2pFetch<'_> {
                     }
                     let offset = layout.range(done.piece).map_err(anyhow::Error::from)?.start;
                     let file = self.partial.file().clone();
-                    let len = bytes.len() as u64;
+                    let len = bytes.len as u64;
                     let written = tokio::task::spawn_blocking(move || {
-                        std::os::unix::fs::FileExt::write_all_at(&*file, &bytes, offset)
+                        bytes.write_at(&file, offset)
                     })
                     .await;
                     if let Err(e) = written.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
@@ -323,9 +322,10 @@ async fn registry_range(
     req: &FetchRequest,
     start: u64,
     end: u64,
-) -> Result<Bytes, String> {
+) -> Result<Piece, String> {
+    let mut piece = Piece::default();
     if start == end {
-        return Ok(Bytes::new());
+        return Ok(piece);
     }
     let mut headers = req.headers.without_range();
     headers.range = HeaderValue::from_str(&format!("bytes={start}-{}", end - 1)).ok();
@@ -339,19 +339,18 @@ async fn registry_range(
             resp.status()
         ));
     }
-    let mut out = bytes::BytesMut::with_capacity((end - start) as usize);
     while let Some(chunk) = upstream
         .next_chunk(&mut resp)
         .await
         .map_err(|e| e.to_string())?
     {
-        out.extend_from_slice(&chunk);
-        if out.len() as u64 > end - start {
+        piece.push(chunk);
+        if piece.len as u64 > end - start {
             return Err("registry sent more than the range".into());
         }
     }
-    if out.len() as u64 != end - start {
+    if piece.len as u64 != end - start {
         return Err("registry range ended early".into());
     }
-    Ok(out.freeze())
+    Ok(piece)
 }

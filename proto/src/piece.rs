@@ -133,8 +133,17 @@ impl PieceHash {
 
     /// Whether `bytes` are the piece this hash names.
     pub fn matches(&self, bytes: &[u8]) -> bool {
+        self.matches_chunks(&[bytes])
+    }
+
+    /// Whether the piece made of these chunks, in order, is the one this hash names.
+    pub fn matches_chunks<B: AsRef<[u8]>>(&self, chunks: &[B]) -> bool {
+        let mut hasher = blake3::Hasher::new();
+        chunks.iter().for_each(|c| {
+            hasher.update(c.as_ref());
+        });
         // blake3::Hash compares in constant time; not needed here, but free.
-        blake3::Hash::from_bytes(self.0) == blake3::hash(bytes)
+        blake3::Hash::from_bytes(self.0) == hasher.finalize()
     }
 }
 

@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use shoal_proto::frame::{self, FrameDecoder, FrameError};
 use shoal_proto::message::{PeerReply, PeerRequest, StreamKind};
 use shoal_proto::{BlobDigest, PieceIndex};
@@ -49,7 +49,7 @@ pub async fn fetch_piece(
     digest: BlobDigest,
     index: PieceIndex,
     expected_len: u32,
-) -> Result<Bytes, PieceError> {
+) -> Result<Piece, PieceError> {
     let stream = |e: &dyn std::fmt::Display| PieceError::Stream(e.to_string());
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream(&e))?;
     send.write_all(&[StreamKind::Piece as u8])
@@ -88,27 +88,59 @@ pub async fn fetch_piece(
             )));
         }
     };
-    let mut piece = BytesMut::with_capacity(len);
-    piece.extend_from_slice(&decoder.take_rest());
-    while piece.len() < len {
+    // The bytes stay in the chunks QUIC delivered them in: no copy to make them contiguous.
+    let mut piece = Piece::default();
+    let first = decoder.take_rest().freeze();
+    if !first.is_empty() {
+        piece.push(first);
+    }
+    while piece.len < len {
         match recv
-            .read_chunk(len - piece.len(), true)
+            .read_chunk(len - piece.len, true)
             .await
             .map_err(|e| stream(&e))?
         {
-            Some(chunk) => piece.extend_from_slice(&chunk.bytes),
+            Some(chunk) => piece.push(chunk.bytes),
             None => {
                 return Err(PieceError::Protocol(format!(
                     "piece ended after {} of {len} bytes",
-                    piece.len()
+                    piece.len
                 )));
             }
         }
     }
-    if piece.len() > len {
+    if piece.len > len {
         return Err(PieceError::Protocol("piece longer than announced".into()));
     }
-    Ok(piece.freeze())
+    Ok(piece)
+}
+
+/// A piece's bytes, in the chunks they arrived in.
+#[derive(Debug, Clone, Default)]
+pub struct Piece {
+    pub chunks: Vec<Bytes>,
+    pub len: usize,
+}
+
+impl Piece {
+    pub fn push(&mut self, chunk: Bytes) {
+        self.len += chunk.len();
+        self.chunks.push(chunk);
+    }
+
+    /// Writes the piece at `offset` of `file`. Blocks.
+    pub fn write_at(&self, file: &File, mut offset: u64) -> std::io::Result<()> {
+        for chunk in &self.chunks {
+            file.write_all_at(chunk, offset)?;
+            offset += chunk.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// The bytes in one buffer (for tests).
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.chunks.concat()
+    }
 }
 
 /// Where a holder finds a piece: the file and byte range, if it has it.
@@ -188,7 +220,8 @@ pub async fn answer_piece(
     }))
     .await
     .map_err(|e| PieceError::Stream(e.to_string()))?;
-    send.write_all(&piece)
+    // Handing quinn the buffer itself saves the copy `write_all` would make.
+    send.write_chunk(Bytes::from(piece))
         .await
         .map_err(|e| PieceError::Stream(e.to_string()))?;
     send.finish().map_err(|e| PieceError::Stream(e.to_string()))
@@ -243,7 +276,7 @@ mod tests {
                 .await
                 .unwrap();
             let r = layout.range(i).unwrap();
-            assert_eq!(&piece[..], &blob[r.start as usize..r.end as usize]);
+            assert_eq!(piece.to_vec(), &blob[r.start as usize..r.end as usize]);
         }
         let other = BlobDigest::of(b"other");
         assert!(matches!(
