@@ -125,11 +125,6 @@ impl Seed {
         layout: PieceLayout,
         origin: &Origin,
     ) -> Result<Arc<SeedBlob>, SeedError> {
-        if let Some(blob) = self.get(&digest)
-            && !matches!(blob.progress().state, SeedState::Failed(_))
-        {
-            return Ok(blob);
-        }
         let registry: Registry = origin
             .registry
             .parse()
@@ -138,6 +133,13 @@ impl Seed {
             .repository
             .parse()
             .map_err(|e| SeedError::BadOrigin(format!("{e}")))?;
+        // Decided under the map's entry lock: nodes asking at once start one fetch.
+        let entry = self.blobs.entry(digest);
+        if let dashmap::mapref::entry::Entry::Occupied(e) = &entry
+            && !matches!(e.get().progress().state, SeedState::Failed(_))
+        {
+            return Ok(e.get().clone());
+        }
         let path = self.dir.join(digest.hex());
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -151,7 +153,7 @@ impl Seed {
             progress: Mutex::new(SeedProgress::default()),
             changed: tokio::sync::Notify::new(),
         });
-        self.blobs.insert(digest, blob.clone());
+        entry.insert(blob.clone());
         let headers = ForwardHeaders {
             authorization: origin
                 .authorization
