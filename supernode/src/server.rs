@@ -83,17 +83,12 @@ impl Supernode {
         let join_token = load_or_create_token(&config, &ca)?;
         let me = NodeId(rand_id());
         let identity = ca.issue(me)?;
-        let endpoint = Endpoint::bind(config.listen, &identity)?;
+        let (endpoint, join) = bind_quic_and_join(config.listen, &identity).await?;
         let quic_addr = endpoint.local_addr()?;
         let api = tokio::net::TcpListener::bind(config.api_listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.api_listen))?;
         let api_addr = api.local_addr()?;
-        // Joining nodes know only the supernode's address: /join (and the rest of the API)
-        // is also served over TCP on the QUIC port.
-        let join = tokio::net::TcpListener::bind(quic_addr)
-            .await
-            .with_context(|| format!("cannot listen on TCP {quic_addr} for joining nodes"))?;
         let upstream = Upstream::new(&config.upstream)?;
         let seed = Seed::new(config.data_dir.join("seed"), upstream)?;
         let ca = Arc::new(ca);
@@ -126,6 +121,29 @@ impl Supernode {
             tasks,
         })
     }
+}
+
+/// Binds QUIC (UDP) and, on the same port, TCP for `/join`: joining nodes know only the
+/// supernode's address. With port 0 the pair is retried until both are free.
+async fn bind_quic_and_join(
+    listen: SocketAddr,
+    identity: &shoal_transport::NodeIdentity,
+) -> anyhow::Result<(Endpoint, tokio::net::TcpListener)> {
+    let attempts = if listen.port() == 0 { 16 } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let endpoint = Endpoint::bind(listen, identity)?;
+        let quic_addr = endpoint.local_addr()?;
+        match tokio::net::TcpListener::bind(quic_addr).await {
+            Ok(join) => return Ok((endpoint, join)),
+            Err(e) => {
+                last = Some(anyhow::Error::from(e).context(format!(
+                    "cannot listen on TCP {quic_addr} for joining nodes"
+                )))
+            }
+        }
+    }
+    Err(last.expect("at least one attempt"))
 }
 
 fn rand_id() -> u64 {
