@@ -95,7 +95,12 @@ async fn one_hop(holder: &Endpoint, asker: &Endpoint, len: u64) -> anyhow::Resul
     let server = holder.clone();
     let serving = tokio::spawn(async move {
         if let Some((conn, _)) = server.accept().await {
-            serve_pieces(conn, lookup, Arc::new(tokio::sync::Semaphore::new(64))).await;
+            serve_pieces(
+                conn,
+                lookup,
+                shoal_transport::pieces::UploadLimits::new(64, 0),
+            )
+            .await;
         }
     });
     let started = Instant::now();

@@ -46,7 +46,7 @@ async fn supernode(dir: &std::path::Path, registry: &Registry) -> Supernode {
 async fn daemon(
     dir: &std::path::Path,
     i: usize,
-    registry: &Registry,
+    registry: &str,
     supernodes: &[String],
     token: &str,
 ) -> (String, tokio::sync::oneshot::Sender<()>) {
@@ -54,7 +54,7 @@ async fn daemon(
         listen: Some("127.0.0.1:0".into()),
         data_dir: Some(dir.join(format!("d{i}"))),
         cache_size: Some("1GiB".into()),
-        insecure_registries: vec![registry.addr.clone()],
+        insecure_registries: vec![registry.to_owned()],
         supernodes: supernodes.to_vec(),
         peer_listen: Some("127.0.0.1:0".into()),
         join_token: Some(token.into()),
@@ -99,7 +99,7 @@ fn eight_daemons_pull_one_blob_and_the_registry_sends_it_about_once() {
         let token = sn.join_token.to_string();
         let mut daemons = Vec::new();
         for i in 0..8 {
-            daemons.push(daemon(dir.path(), i, &registry, &supernodes, &token).await);
+            daemons.push(daemon(dir.path(), i, &registry.addr, &supernodes, &token).await);
         }
         let digest = blob.digest;
         let gets = daemons.iter().map(|(url, _)| {
@@ -146,7 +146,7 @@ fn an_unreachable_supernode_falls_back_to_the_registry() {
         let ca = shoal_transport::ClusterCa::generate().unwrap();
         let token = shoal_transport::JoinToken::new(&ca).to_string();
         let dead = format!("127.0.0.1:{}", common::free_port());
-        let (url, _stop) = daemon(dir.path(), 0, &registry, &[dead], &token).await;
+        let (url, _stop) = daemon(dir.path(), 0, &registry.addr, &[dead], &token).await;
         let url = format!("{url}/v2/{REPO}/blobs/{}?ns={}", blob.digest, registry.addr);
         let got = tokio::time::timeout(
             Duration::from_secs(60),
@@ -179,7 +179,7 @@ async fn corrupting_peer(
     let lookup: shoal_transport::pieces::PieceLookup =
         Arc::new(move |_, i| Some((garbage.clone(), layout.range(i).ok()?)));
     let accept = endpoint.clone();
-    let uploads = Arc::new(tokio::sync::Semaphore::new(64));
+    let uploads = shoal_transport::pieces::UploadLimits::new(64, 0);
     tokio::spawn(async move {
         while let Some((conn, _)) = accept.accept().await {
             tokio::spawn(shoal_transport::pieces::serve_pieces(
@@ -249,7 +249,7 @@ fn a_corrupting_peer_is_banned_and_pulls_still_complete() {
         let mut daemons = Vec::new();
         let mut stops = Vec::new();
         for i in 0..4 {
-            let (url, stop) = daemon(dir.path(), i, &registry, &supernodes, &token).await;
+            let (url, stop) = daemon(dir.path(), i, &registry.addr, &supernodes, &token).await;
             daemons.push(url);
             stops.push(stop);
         }
@@ -283,5 +283,107 @@ fn a_corrupting_peer_is_banned_and_pulls_still_complete() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert_eq!(status["banned"], 1, "{status}");
+    });
+}
+
+/// A proxy in front of the registry that answers the first blob GET with 429, and passes
+/// everything else through; returns its address and the number of 429s it sent.
+async fn throttling_proxy(registry: &str) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let throttled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (count, upstream) = (throttled.clone(), registry.to_owned());
+    tokio::spawn(async move {
+        // Bounded: the test makes a handful of connections.
+        for _ in 0..256 {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            let (count, upstream) = (count.clone(), upstream.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match client.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&head);
+                if text.starts_with("GET ")
+                    && text.contains("/blobs/sha256:")
+                    && count.fetch_add(1, Ordering::SeqCst) == 0
+                {
+                    let answer = "HTTP/1.1 429 Too Many Requests\r\nretry-after: 0\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+                    let _ = client.write_all(answer.as_bytes()).await;
+                    return;
+                }
+                let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                if server.write_all(&head).await.is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    (addr, throttled)
+}
+
+/// (c) A registry that answers 429 before it answers 200: the seed retries, every pull
+/// completes with the right digest.
+#[test]
+fn a_registry_that_answers_429_then_200_does_not_fail_pulls() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path(), &[]);
+    let blob = random_blob(8 << 20, 4);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        shoal::registry::push_blob(&client, &registry.url(), REPO, &blob, None)
+            .await
+            .unwrap();
+        let (proxy, throttled) = throttling_proxy(&registry.addr).await;
+        let upstream = UpstreamConfig {
+            insecure: [proxy.parse().unwrap()].into_iter().collect(),
+            ..Default::default()
+        };
+        let sn = Supernode::start(SupernodeConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            api_listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().join("supernode"),
+            upstream,
+        })
+        .await
+        .unwrap();
+        let supernodes = vec![sn.quic_addr.to_string()];
+        let token = sn.join_token.to_string();
+        let mut daemons = Vec::new();
+        for i in 0..3 {
+            daemons.push(daemon(dir.path(), i, &proxy, &supernodes, &token).await);
+        }
+        let digest = blob.digest;
+        let gets = daemons.iter().map(|(url, _)| {
+            let url = format!("{url}/v2/{REPO}/blobs/{digest}?ns={proxy}");
+            let client = client.clone();
+            tokio::spawn(
+                async move { shoal::registry::fetch_verified(&client, &url, &digest).await },
+            )
+        });
+        let results = tokio::time::timeout(HANG, futures_util::future::join_all(gets))
+            .await
+            .expect("pulls hung");
+        for r in results {
+            r.unwrap().unwrap();
+        }
+        assert!(
+            throttled.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+            "the registry never said 429"
+        );
     });
 }

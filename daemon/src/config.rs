@@ -121,6 +121,24 @@ pub struct ServeArgs {
     )]
     pub join_token_file: Option<PathBuf>,
 
+    /// Bytes per second sent to peers, e.g. 50MiB (per second) [default: unlimited]
+    #[arg(
+        long,
+        env = "SHOAL_UPLOAD_RATE",
+        value_name = "SIZE",
+        help_heading = "Swarm"
+    )]
+    pub upload_rate: Option<String>,
+
+    /// Bytes per second taken from peers, e.g. 100MiB (per second) [default: unlimited]
+    #[arg(
+        long,
+        env = "SHOAL_DOWNLOAD_RATE",
+        value_name = "SIZE",
+        help_heading = "Swarm"
+    )]
+    pub download_rate: Option<String>,
+
     /// Pieces uploaded to peers at once; more requests are told to ask elsewhere [default: 16]
     #[arg(
         long,
@@ -167,6 +185,8 @@ impl ServeArgs {
             join_token: self.join_token.or(file.join_token),
             join_token_file: self.join_token_file.or(file.join_token_file),
             max_upload_peers: self.max_upload_peers.or(file.max_upload_peers),
+            upload_rate: self.upload_rate.or(file.upload_rate),
+            download_rate: self.download_rate.or(file.download_rate),
         }
     }
 }
@@ -341,12 +361,26 @@ fn resolve_swarm(args: &ServeArgs, errors: &mut Vec<String>) -> Option<SwarmConf
                 .map_err(|e| format!("join token: {e}"))
         })
     });
+    let upload_rate = rate(errors, "upload-rate", args.upload_rate.as_deref());
+    let download_rate = rate(errors, "download-rate", args.download_rate.as_deref());
     Some(SwarmConfig {
         peer_listen: peer_listen?,
         supernodes,
         zone: args.zone.clone().unwrap_or_default(),
         join_token: join_token?,
         max_upload_peers: args.max_upload_peers.unwrap_or(16).max(1),
+        upload_rate: upload_rate?,
+        download_rate: download_rate?,
+    })
+}
+
+/// A `--*-rate SIZE` flag in bytes per second; absent is 0 (unlimited).
+fn rate(errors: &mut Vec<String>, flag: &str, value: Option<&str>) -> Option<u64> {
+    let Some(value) = value else { return Some(0) };
+    check(errors, value, |s| {
+        s.parse::<ByteSize>()
+            .map(|b| b.as_u64())
+            .map_err(|e| format!("--{flag} {s:?}: {e} (bytes per second, e.g. 100MiB)"))
     })
 }
 
@@ -401,6 +435,36 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} missing in {text}");
         }
+    }
+
+    #[test]
+    fn swarm_flags_are_checked_together() {
+        let args = ServeArgs {
+            supernodes: vec!["10.0.0.1:65100".into(), "nope".into()],
+            peer_listen: Some("0.0.0.0:65002".into()),
+            upload_rate: Some("fast".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(args, None).unwrap_err().to_string();
+        for needle in [
+            "--supernode \"nope\"",
+            "wildcard",
+            "--join-token",
+            "--upload-rate",
+        ] {
+            assert!(err.contains(needle), "{needle} missing in {err}");
+        }
+        let ca = shoal_transport::ClusterCa::generate().unwrap();
+        let args = ServeArgs {
+            supernodes: vec!["10.0.0.1:65100".into()],
+            peer_listen: Some("10.0.0.7:65002".into()),
+            join_token: Some(shoal_transport::JoinToken::new(&ca).to_string()),
+            download_rate: Some("100MiB".into()),
+            ..Default::default()
+        };
+        let swarm = Config::resolve(args, None).unwrap().swarm.unwrap();
+        assert_eq!(swarm.download_rate, 100 << 20);
+        assert_eq!(swarm.upload_rate, 0);
     }
 
     #[test]

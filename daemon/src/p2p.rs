@@ -260,6 +260,9 @@ impl P2pFetch<'_> {
                 let swarm = self.swarm.clone();
                 let len = layout.len_of(piece).unwrap_or(0);
                 jobs.spawn(async move {
+                    if let Some(rate) = &swarm.download_rate {
+                        rate.take(u64::from(len)).await;
+                    }
                     let fetched = tokio::time::timeout(PIECE_DEADLINE, async {
                         let conn = swarm.conn(addr).await.map_err(|e| e.to_string())?;
                         fetch_piece(&conn, digest, piece, len)

@@ -16,7 +16,8 @@ use shoal_proto::BlobDigest;
 use shoal_proto::frame::{self, FrameDecoder, MAX_FRAME};
 use shoal_proto::message::{FromSupernode, NodeId, Origin, StreamKind, ToSupernode};
 use shoal_transport::ca::{self, NodeIdentity};
-use shoal_transport::pieces::{PieceLookup, serve_pieces};
+use shoal_transport::pieces::{PieceLookup, UploadLimits, serve_pieces};
+use shoal_transport::rate::ByteRate;
 use shoal_transport::{Endpoint, JoinToken};
 
 /// Deadline for connecting to a peer or supernode, and for a control answer.
@@ -30,6 +31,10 @@ pub struct SwarmConfig {
     pub zone: String,
     pub join_token: JoinToken,
     pub max_upload_peers: usize,
+    /// Bytes per second sent to peers; 0 is unlimited.
+    pub upload_rate: u64,
+    /// Bytes per second taken from peers; 0 is unlimited.
+    pub download_rate: u64,
 }
 
 /// The node's swarm endpoint and connections.
@@ -44,6 +49,9 @@ pub struct Swarm {
     /// Held while a connection is being made.
     connecting: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
     pub max_upload_peers: usize,
+    upload_rate: u64,
+    /// Paces piece requests to peers (`--download-rate`).
+    pub download_rate: Option<ByteRate>,
 }
 
 impl Swarm {
@@ -62,12 +70,14 @@ impl Swarm {
             conns: Mutex::default(),
             connecting: Mutex::default(),
             max_upload_peers: config.max_upload_peers,
+            upload_rate: config.upload_rate,
+            download_rate: ByteRate::new(config.download_rate),
         }))
     }
 
     /// Serves pieces to peers until the endpoint closes.
     pub async fn serve(self: Arc<Self>, lookup: PieceLookup) {
-        let uploads = Arc::new(tokio::sync::Semaphore::new(self.max_upload_peers));
+        let uploads = UploadLimits::new(self.max_upload_peers, self.upload_rate);
         while let Some((conn, node)) = self.endpoint.accept().await {
             tracing::debug!(node = node.0, "peer connected");
             tokio::spawn(serve_pieces(conn, lookup.clone(), uploads.clone()));

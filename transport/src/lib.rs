@@ -6,11 +6,13 @@
 //! - [`endpoint`]: QUIC endpoints that present a node certificate and require one from the
 //!   other side; sized UDP buffers; the peer's node id from its certificate.
 //! - [`pieces`]: piece requests and answers over QUIC streams.
+//! - [`rate`]: byte-rate limits for uploads and downloads.
 #![forbid(unsafe_code)]
 
 pub mod ca;
 pub mod endpoint;
 pub mod pieces;
+pub mod rate;
 
 pub use ca::{ClusterCa, JoinToken, NodeIdentity};
 pub use endpoint::{Endpoint, TransportError};

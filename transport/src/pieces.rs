@@ -157,12 +157,29 @@ pub async fn stream_kind(recv: &mut quinn::RecvStream) -> Option<StreamKind> {
     StreamKind::from_byte(kind[0])
 }
 
-/// Answers the piece requests of one connection until it closes. `uploads` bounds the
-/// pieces sent at once (over it, peers are told `Busy`). Other kinds of streams are refused.
+/// What a node lets out: pieces sent at once (over it, peers are told `Busy`) and bytes per
+/// second.
+#[derive(Debug)]
+pub struct UploadLimits {
+    pub slots: tokio::sync::Semaphore,
+    pub rate: Option<crate::rate::ByteRate>,
+}
+
+impl UploadLimits {
+    pub fn new(slots: usize, bytes_per_second: u64) -> Arc<Self> {
+        Arc::new(Self {
+            slots: tokio::sync::Semaphore::new(slots),
+            rate: crate::rate::ByteRate::new(bytes_per_second),
+        })
+    }
+}
+
+/// Answers the piece requests of one connection until it closes, within `uploads`. Other
+/// kinds of streams are refused.
 pub async fn serve_pieces(
     conn: quinn::Connection,
     lookup: PieceLookup,
-    uploads: Arc<tokio::sync::Semaphore>,
+    uploads: Arc<UploadLimits>,
 ) {
     while let Ok((send, mut recv)) = conn.accept_bi().await {
         let (lookup, uploads) = (lookup.clone(), uploads.clone());
@@ -182,7 +199,7 @@ pub async fn answer_piece(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     lookup: &PieceLookup,
-    uploads: &tokio::sync::Semaphore,
+    uploads: &UploadLimits,
 ) -> Result<(), PieceError> {
     let bytes = tokio::time::timeout(REQUEST_TIMEOUT, recv.read_to_end(MAX_PEER_FRAME as usize))
         .await
@@ -194,7 +211,7 @@ pub async fn answer_piece(
         return Err(PieceError::Protocol("request frame incomplete".into()));
     };
     let reply = |r: PeerReply| frame::encode(&r);
-    let Ok(_permit) = uploads.try_acquire() else {
+    let Ok(_permit) = uploads.slots.try_acquire() else {
         send.write_all(&reply(PeerReply::Busy))
             .await
             .map_err(|e| PieceError::Stream(e.to_string()))?;
@@ -207,6 +224,9 @@ pub async fn answer_piece(
         return send.finish().map_err(|e| PieceError::Stream(e.to_string()));
     };
     let len = (range.end - range.start) as usize;
+    if let Some(rate) = &uploads.rate {
+        rate.take(len as u64).await;
+    }
     let piece = tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; len];
         file.read_exact_at(&mut buf, range.start).map(|()| buf)
@@ -263,11 +283,7 @@ mod tests {
         let addr = holder.local_addr().unwrap();
         tokio::spawn(async move {
             while let Some((conn, _)) = holder.accept().await {
-                tokio::spawn(serve_pieces(
-                    conn,
-                    lookup.clone(),
-                    Arc::new(tokio::sync::Semaphore::new(8)),
-                ));
+                tokio::spawn(serve_pieces(conn, lookup.clone(), UploadLimits::new(8, 0)));
             }
         });
         let (conn, _) = asker.connect(addr).await.unwrap();
