@@ -387,3 +387,83 @@ fn a_registry_that_answers_429_then_200_does_not_fail_pulls() {
         );
     });
 }
+
+/// A restarted supernode learns again which nodes hold which blobs: nodes announce their
+/// whole blobs when they reconnect.
+#[test]
+fn a_restarted_supernode_learns_the_swarm_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path(), &[]);
+    let (a, b) = (random_blob(2 << 20, 5), random_blob(1 << 20, 6));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        for blob in [&a, &b] {
+            shoal::registry::push_blob(&client, &registry.url(), REPO, blob, None)
+                .await
+                .unwrap();
+        }
+        let sn = supernode(dir.path(), &registry).await;
+        let addr = sn.quic_addr;
+        let token = sn.join_token.to_string();
+        let (url, _stop) = daemon(dir.path(), 0, &registry.addr, &[addr.to_string()], &token).await;
+        let get = |blob: &Blob| {
+            let url = format!("{url}/v2/{REPO}/blobs/{}?ns={}", blob.digest, registry.addr);
+            let (client, digest) = (client.clone(), blob.digest);
+            async move {
+                shoal::registry::fetch_verified(&client, &url, &digest)
+                    .await
+                    .unwrap()
+            }
+        };
+        get(&a).await;
+        drop(sn);
+
+        // The same address and data directory (so the same CA and join token).
+        let upstream = UpstreamConfig {
+            insecure: [registry.addr.parse().unwrap()].into_iter().collect(),
+            ..Default::default()
+        };
+        let mut restarted = None;
+        for _ in 0..50 {
+            let config = SupernodeConfig {
+                listen: addr,
+                api_listen: "127.0.0.1:0".parse().unwrap(),
+                data_dir: dir.path().join("supernode"),
+                upstream: upstream.clone(),
+            };
+            match Supernode::start(config).await {
+                Ok(sn) => {
+                    restarted = Some(sn);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let sn = restarted.expect("the supernode could not bind its address again");
+        get(&b).await; // the node reconnects, says hello, and announces blob a
+        let mut status = serde_json::Value::Null;
+        for _ in 0..50 {
+            let text = client
+                .get(format!("http://{}/status", sn.api_addr))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            status = serde_json::from_str(&text).unwrap();
+            if status["tasks"] == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            status["tasks"], 2,
+            "the restarted supernode knows only what was asked since: {status}"
+        );
+    });
+}

@@ -73,6 +73,9 @@ impl Daemon {
             },
             None => None,
         };
+        if let Some(swarm) = &swarm {
+            swarm.set_holdings(store.clone());
+        }
         let flights = Arc::new(flight::Flights::new(swarm.clone()));
         let app = Arc::new(server::App {
             default_registry: config.default_registry.clone(),

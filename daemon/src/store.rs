@@ -181,6 +181,17 @@ impl Store {
         self.lock().used
     }
 
+    /// Every complete blob and its length.
+    pub fn complete_blobs(&self) -> Vec<(BlobDigest, u64)> {
+        let index = self.lock();
+        index
+            .entries
+            .iter()
+            .filter(|(_, e)| e.state == EntryState::Complete)
+            .map(|(d, e)| (*d, e.len))
+            .collect()
+    }
+
     /// Whether the whole blob is in the store.
     pub fn contains(&self, digest: &BlobDigest) -> bool {
         self.lock()

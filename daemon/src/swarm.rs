@@ -18,6 +18,8 @@ use shoal_proto::message::{FromSupernode, NodeId, Origin, StreamKind, ToSupernod
 use shoal_transport::ca::{self, NodeIdentity};
 use shoal_transport::pieces::{PieceLookup, UploadLimits, serve_pieces};
 use shoal_transport::rate::ByteRate;
+
+use crate::store::Store;
 use shoal_transport::{Endpoint, JoinToken};
 
 /// Deadline for connecting to a peer or supernode, and for a control answer.
@@ -52,6 +54,8 @@ pub struct Swarm {
     upload_rate: u64,
     /// Paces piece requests to peers (`--download-rate`).
     pub download_rate: Option<ByteRate>,
+    /// The store whose whole blobs are announced to supernodes.
+    holdings: std::sync::OnceLock<Arc<Store>>,
 }
 
 impl Swarm {
@@ -72,6 +76,7 @@ impl Swarm {
             max_upload_peers: config.max_upload_peers,
             upload_rate: config.upload_rate,
             download_rate: ByteRate::new(config.download_rate),
+            holdings: std::sync::OnceLock::new(),
         }))
     }
 
@@ -118,7 +123,8 @@ impl Swarm {
                 zone: self.zone.clone(),
                 peer_addr: self.peer_addr,
             };
-            self.exchange(&conn, &hello).await?;
+            exchange(&conn, &hello).await?;
+            self.announce_holdings(addr, &conn);
         }
         self.lock_conns().insert(addr, conn.clone());
         Ok(conn)
@@ -155,31 +161,38 @@ impl Swarm {
         msg: &ToSupernode,
     ) -> anyhow::Result<Option<FromSupernode>> {
         let conn = self.conn(supernode).await?;
-        self.exchange(&conn, msg).await
+        exchange(&conn, msg).await
     }
 
-    async fn exchange(
-        &self,
-        conn: &quinn::Connection,
-        msg: &ToSupernode,
-    ) -> anyhow::Result<Option<FromSupernode>> {
-        tokio::time::timeout(CONTROL_TIMEOUT, async {
-            let (mut send, mut recv) = conn.open_bi().await?;
-            send.write_all(&[StreamKind::Control as u8]).await?;
-            send.write_all(&frame::encode(msg)).await?;
-            send.finish()?;
-            let bytes = recv.read_to_end(MAX_FRAME as usize).await?;
-            if bytes.is_empty() {
-                return Ok(None);
+    /// Sets what the node holds, for announcing it to supernodes it connects to.
+    pub fn set_holdings(&self, store: Arc<Store>) {
+        let _ = self.holdings.set(store);
+    }
+
+    /// Tells a newly connected supernode which whole blobs this node holds (those that map
+    /// to it first), so that a restarted supernode learns the swarm again.
+    fn announce_holdings(&self, supernode: SocketAddr, conn: &quinn::Connection) {
+        let Some(store) = self.holdings.get() else {
+            return;
+        };
+        let mine: Vec<ToSupernode> = store
+            .complete_blobs()
+            .into_iter()
+            .filter(|(digest, _)| self.ranked(digest).first() == Some(&supernode))
+            .map(|(digest, len)| ToSupernode::Holding { digest, len })
+            .collect();
+        if mine.is_empty() {
+            return;
+        }
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            for msg in mine {
+                if let Err(e) = exchange(&conn, &msg).await {
+                    tracing::debug!(%supernode, error = %e, "announcing a held blob failed");
+                    return;
+                }
             }
-            let mut decoder = FrameDecoder::default();
-            decoder.push(&bytes);
-            let reply: FromSupernode = decoder.decode()?.context("incomplete answer")?;
-            reply.validate()?;
-            Ok(Some(reply))
-        })
-        .await
-        .map_err(|_| anyhow::anyhow!("supernode did not answer within {CONTROL_TIMEOUT:?}"))?
+        });
     }
 
     /// Asks the blob's supernodes, in order, for its task.
@@ -227,6 +240,30 @@ impl Swarm {
             conn.close(0u32.into(), b"unreachable");
         }
     }
+}
+
+/// One control message and its answer (if it has one), within the control deadline.
+async fn exchange(
+    conn: &quinn::Connection,
+    msg: &ToSupernode,
+) -> anyhow::Result<Option<FromSupernode>> {
+    tokio::time::timeout(CONTROL_TIMEOUT, async {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(&[StreamKind::Control as u8]).await?;
+        send.write_all(&frame::encode(msg)).await?;
+        send.finish()?;
+        let bytes = recv.read_to_end(MAX_FRAME as usize).await?;
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        let mut decoder = FrameDecoder::default();
+        decoder.push(&bytes);
+        let reply: FromSupernode = decoder.decode()?.context("incomplete answer")?;
+        reply.validate()?;
+        Ok(Some(reply))
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("supernode did not answer within {CONTROL_TIMEOUT:?}"))?
 }
 
 /// The node's certificate: from `DATA_DIR/identity` when it was issued by the token's CA,

@@ -177,6 +177,9 @@ pub enum ToSupernode {
     },
     /// The node dropped the blob (evicted, or gave up).
     Drop { digest: BlobDigest },
+    /// The node holds this whole blob (announced when it connects, so that a restarted
+    /// supernode learns the swarm again).
+    Holding { digest: BlobDigest, len: u64 },
 }
 
 /// From a supernode to a daemon.
@@ -257,7 +260,7 @@ impl ToSupernode {
             Self::Have { pieces, .. } => {
                 limit("have list", pieces.len(), crate::piece::MAX_PIECES as usize)
             }
-            Self::BadPiece { .. } | Self::Drop { .. } => Ok(()),
+            Self::BadPiece { .. } | Self::Drop { .. } | Self::Holding { .. } => Ok(()),
         }
     }
 }

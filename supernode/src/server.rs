@@ -282,6 +282,17 @@ async fn control(
             state.scheduler().drop_blob(node, &digest);
             None
         }
+        ToSupernode::Holding { digest, len } => {
+            // No seed starts: hashes come when some node asks for the blob.
+            let layout = PieceLayout::for_blob(len).map_err(|e| e.to_string())?;
+            let mut s = state.scheduler();
+            s.want(now, node, digest, layout)
+                .map_err(|e| e.to_string())?;
+            let all: Vec<PieceIndex> = layout.pieces().collect();
+            s.have(now, node, &digest, &all)
+                .map_err(|e| e.to_string())?;
+            None
+        }
     };
     if let Some(reply) = reply {
         send.write_all(&frame::encode(&reply))
