@@ -107,9 +107,23 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
 
 /// The `shoald_blob_bytes_served_total{source=…}` value in a metrics text.
 pub fn served_from(metrics: &str, source: &str) -> u64 {
-    let prefix = format!("shoald_blob_bytes_served_total{{source=\"{source}\"}} ");
+    counter(
+        metrics,
+        &format!("shoald_blob_bytes_served_total{{source=\"{source}\"}}"),
+    )
+}
+
+/// The `shoald_bytes_fetched_total{source=…}` value in a metrics text.
+pub fn fetched_from(metrics: &str, source: &str) -> u64 {
+    counter(
+        metrics,
+        &format!("shoald_bytes_fetched_total{{source=\"{source}\"}}"),
+    )
+}
+
+fn counter(metrics: &str, series: &str) -> u64 {
     metrics
         .lines()
-        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0)
 }

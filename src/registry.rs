@@ -140,6 +140,24 @@ pub async fn pull_through(
     Ok(pulled)
 }
 
+/// GETs every URL at the same moment, each checked against `digest`; one result per URL,
+/// in order.
+pub async fn fetch_all_verified(
+    client: &reqwest::Client,
+    urls: &[String],
+    digest: &BlobDigest,
+) -> Vec<anyhow::Result<bytes::Bytes>> {
+    let gets = urls.iter().map(|url| {
+        let (client, url, digest) = (client.clone(), url.clone(), *digest);
+        tokio::spawn(async move { fetch_verified(&client, &url, &digest).await })
+    });
+    futures_util::future::join_all(gets)
+        .await
+        .into_iter()
+        .map(|joined| joined.map_err(anyhow::Error::from).and_then(|r| r))
+        .collect()
+}
+
 /// GETs `url` and checks that the body hashes to `digest`.
 pub async fn fetch_verified(
     client: &reqwest::Client,

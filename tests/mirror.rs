@@ -3,6 +3,8 @@
 
 mod common;
 
+use shoal::registry::fetch_all_verified;
+
 use std::time::{Duration, Instant};
 
 use common::{Containerd, HANG, Registry, Shoald, configure_containerd};
@@ -187,17 +189,13 @@ fn concurrent_gets_share_one_registry_fetch() {
     );
     rt().block_on(async {
         let client = reqwest::Client::new();
-        let gets = (0..20).map(|_| {
-            let (client, url) = (client.clone(), url.clone());
-            tokio::spawn(async move {
-                shoal::registry::fetch_verified(&client, &url, &layer.digest).await
-            })
-        });
-        let results = tokio::time::timeout(HANG, futures_util::future::join_all(gets))
+        let urls = vec![url; 20];
+        let results = fetch_all_verified(&client, &urls, &layer.digest);
+        for r in tokio::time::timeout(HANG, results)
             .await
-            .expect("GETs hung");
-        for r in results {
-            r.unwrap().unwrap();
+            .expect("GETs hung")
+        {
+            r.unwrap();
         }
     });
     assert_eq!(

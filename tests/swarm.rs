@@ -3,6 +3,8 @@
 
 mod common;
 
+use shoal::registry::fetch_all_verified;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,14 +73,6 @@ async fn daemon(
     (url, stop)
 }
 
-fn fetched(metrics: &str, source: &str) -> u64 {
-    let prefix = format!("shoald_bytes_fetched_total{{source=\"{source}\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// (a) 1 supernode + 8 daemons, all GET one 64 MiB blob at once: all get the right bytes,
 /// the registry sends at most 1.05 x the blob, and the daemons got bytes from peers.
 #[test]
@@ -102,14 +96,10 @@ fn eight_daemons_pull_one_blob_and_the_registry_sends_it_about_once() {
             daemons.push(daemon(dir.path(), i, &registry.addr, &supernodes, &token).await);
         }
         let digest = blob.digest;
-        let gets = daemons.iter().map(|(url, _)| {
-            let url = format!("{url}/v2/{REPO}/blobs/{digest}?ns={}", registry.addr);
-            let client = client.clone();
-            tokio::spawn(async move { shoal::registry::fetch_verified(&client, &url, &digest).await })
-        });
-        let results = tokio::time::timeout(HANG, futures_util::future::join_all(gets)).await.expect("pulls hung");
-        for r in results {
-            r.unwrap().unwrap();
+        let urls: Vec<String> =
+            daemons.iter().map(|(url, _)| format!("{url}/v2/{REPO}/blobs/{digest}?ns={}", registry.addr)).collect();
+        for r in tokio::time::timeout(HANG, fetch_all_verified(&client, &urls, &digest)).await.expect("pulls hung") {
+            r.unwrap();
         }
         let sent = registry.blob_bytes_sent() - before;
         let len = blob.bytes.len() as u64;
@@ -117,8 +107,8 @@ fn eight_daemons_pull_one_blob_and_the_registry_sends_it_about_once() {
         let mut from_seed = 0;
         for (url, _) in &daemons {
             let m = client.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
-            from_peers += fetched(&m, "Peer");
-            from_seed += fetched(&m, "Seed");
+            from_peers += shoal::demo::fetched_from(&m, "Peer");
+            from_seed += shoal::demo::fetched_from(&m, "Seed");
         }
         println!("registry sent {sent} bytes for a {len}-byte blob; daemons got {from_peers} from peers, {from_seed} from the seed");
         assert!(sent as f64 <= 1.05 * len as f64, "registry sent {sent} bytes for a {len}-byte blob");
@@ -253,17 +243,12 @@ fn a_corrupting_peer_is_banned_and_pulls_still_complete() {
             daemons.push(url);
             stops.push(stop);
         }
-        let gets = daemons.iter().map(|base| {
-            let (client, url) = (client.clone(), url(base));
-            tokio::spawn(
-                async move { shoal::registry::fetch_verified(&client, &url, &digest).await },
-            )
-        });
-        let results = tokio::time::timeout(HANG, futures_util::future::join_all(gets))
+        let urls: Vec<String> = daemons.iter().map(|base| url(base)).collect();
+        for r in tokio::time::timeout(HANG, fetch_all_verified(&client, &urls, &digest))
             .await
-            .expect("pulls hung");
-        for r in results {
-            r.unwrap().unwrap();
+            .expect("pulls hung")
+        {
+            r.unwrap();
         }
         // Reports travel on their own; give the last one a moment.
         let mut status = serde_json::Value::Null;
@@ -368,18 +353,15 @@ fn a_registry_that_answers_429_then_200_does_not_fail_pulls() {
             daemons.push(daemon(dir.path(), i, &proxy, &supernodes, &token).await);
         }
         let digest = blob.digest;
-        let gets = daemons.iter().map(|(url, _)| {
-            let url = format!("{url}/v2/{REPO}/blobs/{digest}?ns={proxy}");
-            let client = client.clone();
-            tokio::spawn(
-                async move { shoal::registry::fetch_verified(&client, &url, &digest).await },
-            )
-        });
-        let results = tokio::time::timeout(HANG, futures_util::future::join_all(gets))
+        let urls: Vec<String> = daemons
+            .iter()
+            .map(|(url, _)| format!("{url}/v2/{REPO}/blobs/{digest}?ns={proxy}"))
+            .collect();
+        for r in tokio::time::timeout(HANG, fetch_all_verified(&client, &urls, &digest))
             .await
-            .expect("pulls hung");
-        for r in results {
-            r.unwrap().unwrap();
+            .expect("pulls hung")
+        {
+            r.unwrap();
         }
         assert!(
             throttled.load(std::sync::atomic::Ordering::SeqCst) >= 1,

@@ -3,6 +3,8 @@
 
 mod common;
 
+use shoal::registry::fetch_all_verified;
+
 use std::time::{Duration, Instant};
 
 use common::{Containerd, HANG, Registry, Shoald, SupernodeProc, configure_containerd};
@@ -25,14 +27,6 @@ fn start_daemon(
     args.extend(sn.shoald_args());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Shoald::start(&dir.join(name), &args)
-}
-
-fn fetched(metrics: &str, source: &str) -> u64 {
-    let prefix = format!("shoald_bytes_fetched_total{{source=\"{source}\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// (b) `ctr images pull` through two daemons of one swarm: both pulls unpack, every blob
@@ -81,12 +75,17 @@ fn ctr_pulls_through_two_daemons_that_share_layers() {
         );
     }
     let second = nodes[1].0.metrics();
-    let from_swarm = fetched(&second, "Peer") + fetched(&second, "Seed");
+    let from_swarm =
+        shoal::demo::fetched_from(&second, "Peer") + shoal::demo::fetched_from(&second, "Seed");
     assert!(
         from_swarm >= image.layers[0].bytes.len() as u64,
         "second node got {from_swarm} bytes from the swarm:\n{second}"
     );
-    assert_eq!(fetched(&second, "Registry"), 0, "{second}");
+    assert_eq!(
+        shoal::demo::fetched_from(&second, "Registry"),
+        0,
+        "{second}"
+    );
 }
 
 fn random_blob(len: usize, seed: u64) -> Blob {
@@ -136,23 +135,17 @@ fn a_peer_killed_mid_transfer_does_not_fail_the_others() {
     let victim = daemons.remove(0);
     rt.block_on(async {
         let client = reqwest::Client::new();
-        let gets: Vec<_> = urls
-            .iter()
-            .map(|url| {
-                let (client, url, digest) = (client.clone(), url.clone(), blob.digest);
-                tokio::spawn(async move {
-                    shoal::registry::fetch_verified(&client, &url, &digest).await
-                })
-            })
-            .collect();
+        let digest = blob.digest;
+        let pulls = tokio::spawn(async move { fetch_all_verified(&client, &urls, &digest).await });
         tokio::time::sleep(Duration::from_millis(150)).await;
         victim.kill9();
         let started = Instant::now();
-        let results = tokio::time::timeout(HANG, futures_util::future::join_all(gets))
+        let results = tokio::time::timeout(HANG, pulls)
             .await
-            .expect("pulls hung");
+            .expect("pulls hung")
+            .unwrap();
         for r in &results[1..] {
-            r.as_ref().unwrap().as_ref().unwrap();
+            r.as_ref().unwrap();
         }
         println!("survivors finished {:?} after the kill", started.elapsed());
     });
@@ -180,28 +173,27 @@ fn the_supernode_killed_mid_pull_does_not_fail_pulls() {
         .collect();
     rt.block_on(async {
         let client = reqwest::Client::new();
-        let gets: Vec<_> = daemons
+        let urls = daemons
             .iter()
             .map(|d| {
-                let url = format!(
+                format!(
                     "{}/v2/swarm/app/blobs/{}?ns={}",
                     d.url(),
                     blob.digest,
                     registry.addr
-                );
-                let (client, digest) = (client.clone(), blob.digest);
-                tokio::spawn(async move {
-                    shoal::registry::fetch_verified(&client, &url, &digest).await
-                })
+                )
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let digest = blob.digest;
+        let pulls = tokio::spawn(async move { fetch_all_verified(&client, &urls, &digest).await });
         tokio::time::sleep(Duration::from_millis(100)).await;
         drop(sn);
-        let results = tokio::time::timeout(HANG, futures_util::future::join_all(gets))
+        for r in tokio::time::timeout(HANG, pulls)
             .await
-            .expect("pulls hung");
-        for r in results {
-            r.unwrap().unwrap();
+            .expect("pulls hung")
+            .unwrap()
+        {
+            r.unwrap();
         }
     });
 }
