@@ -165,12 +165,10 @@ pub async fn swarm(args: &SwarmBenchArgs) -> anyhow::Result<()> {
         join_token: Some(sn.join_token.to_string()),
         ..Default::default()
     };
-    let daemon = shoal_daemon::Daemon::bind(&shoal_daemon::Config::resolve(serve, None)?).await?;
-    let mirror = format!("http://{}", daemon.local_addr()?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(daemon.run(async move {
-        let _ = stopped.await;
-    }));
+    let daemon = shoal_daemon::Daemon::bind(&shoal_daemon::Config::resolve(serve, None)?)
+        .await?
+        .spawn()?;
+    let mirror = daemon.url.clone();
     let (mut direct, mut via) = (Vec::new(), Vec::new());
     for blob in &blobs {
         let url = format!("{}/v2/bench/swarm/blobs/{}", registry.url(), blob.digest);
@@ -185,7 +183,7 @@ pub async fn swarm(args: &SwarmBenchArgs) -> anyhow::Result<()> {
         crate::registry::fetch_verified(&client, &url, &blob.digest).await?;
         via.push(started.elapsed());
     }
-    let _ = stop.send(());
+    daemon.stop().await;
     let (direct, via) = (median(direct), median(via));
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
 

@@ -50,12 +50,8 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let config = Config::resolve(serve, None)?;
-    let daemon = shoal_daemon::Daemon::bind(&config).await?;
-    let mirror = format!("http://{}", daemon.local_addr()?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(daemon.run(async move {
-        let _ = stopped.await;
-    }));
+    let daemon = shoal_daemon::Daemon::bind(&config).await?.spawn()?;
+    let mirror = daemon.url.clone();
     println!(
         "shoald           {mirror} (store in {})",
         data_dir.path().display()
@@ -87,8 +83,7 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         served_from(&metrics, "Registry"),
         served_from(&metrics, "Store")
     );
-    let _ = stop.send(());
-    served.await?;
+    daemon.stop().await;
     ensure!(
         origin_bytes[0] == image.blob_bytes(),
         "first pull: registry sent {} bytes, expected each blob once",

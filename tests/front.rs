@@ -15,7 +15,7 @@ struct Front {
     url: String,
     ns: String,
     data_dir: std::path::PathBuf,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    _daemon: shoal_daemon::RunningDaemon,
 }
 
 async fn front(origin: &Origin, data_dir: &std::path::Path, cache_size: &str) -> Front {
@@ -30,17 +30,14 @@ async fn front(origin: &Origin, data_dir: &std::path::Path, cache_size: &str) ->
     };
     let daemon = shoal_daemon::Daemon::bind(&Config::resolve(args, None).unwrap())
         .await
+        .unwrap()
+        .spawn()
         .unwrap();
-    let url = format!("http://{}", daemon.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(daemon.run(async move {
-        let _ = stopped.await;
-    }));
     Front {
-        url,
+        url: daemon.url.clone(),
         ns,
         data_dir: data_dir.to_owned(),
-        _stop: stop,
+        _daemon: daemon,
     }
 }
 

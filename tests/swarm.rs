@@ -30,18 +30,31 @@ fn random_blob(len: usize, seed: u8) -> Blob {
     Blob::new("application/octet-stream", bytes)
 }
 
-async fn supernode(dir: &std::path::Path, registry: &Registry) -> Supernode {
-    let upstream = UpstreamConfig {
-        insecure: [registry.addr.parse().unwrap()].into_iter().collect(),
-        ..Default::default()
-    };
-    let config = SupernodeConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
+/// A supernode with its data in `dir/supernode`, listening on `listen`, seeding from the
+/// registry at `registry` over plain HTTP.
+fn supernode_config(dir: &std::path::Path, registry: &str, listen: &str) -> SupernodeConfig {
+    SupernodeConfig {
+        listen: listen.parse().unwrap(),
         api_listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.join("supernode"),
-        upstream,
-    };
-    Supernode::start(config).await.unwrap()
+        upstream: UpstreamConfig {
+            insecure: [registry.parse().unwrap()].into_iter().collect(),
+            ..Default::default()
+        },
+    }
+}
+
+async fn supernode(dir: &std::path::Path, registry: &Registry) -> Supernode {
+    Supernode::start(supernode_config(dir, &registry.addr, "127.0.0.1:0"))
+        .await
+        .unwrap()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// Starts a shoald in the swarm; returns its URL and a stopper.
@@ -51,7 +64,7 @@ async fn daemon(
     registry: &str,
     supernodes: &[String],
     token: &str,
-) -> (String, tokio::sync::oneshot::Sender<()>) {
+) -> (String, shoal_daemon::RunningDaemon) {
     let args = ServeArgs {
         listen: Some("127.0.0.1:0".into()),
         data_dir: Some(dir.join(format!("d{i}"))),
@@ -64,13 +77,10 @@ async fn daemon(
     };
     let daemon = shoal_daemon::Daemon::bind(&Config::resolve(args, None).unwrap())
         .await
+        .unwrap()
+        .spawn()
         .unwrap();
-    let url = format!("http://{}", daemon.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(daemon.run(async move {
-        let _ = stopped.await;
-    }));
-    (url, stop)
+    (daemon.url.clone(), daemon)
 }
 
 /// (a) 1 supernode + 8 daemons, all GET one 64 MiB blob at once: all get the right bytes,
@@ -80,10 +90,7 @@ fn eight_daemons_pull_one_blob_and_the_registry_sends_it_about_once() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(dir.path(), &[]);
     let blob = random_blob(64 << 20, 1);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = rt();
     rt.block_on(async {
         let client = reqwest::Client::new();
         shoal::registry::push_blob(&client, &registry.url(), REPO, &blob, None).await.unwrap();
@@ -123,10 +130,7 @@ fn an_unreachable_supernode_falls_back_to_the_registry() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(dir.path(), &[]);
     let blob = random_blob(3 << 20, 2);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = rt();
     rt.block_on(async {
         let client = reqwest::Client::new();
         shoal::registry::push_blob(&client, &registry.url(), REPO, &blob, None)
@@ -220,10 +224,7 @@ fn a_corrupting_peer_is_banned_and_pulls_still_complete() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(dir.path(), &[]);
     let blob = random_blob(16 << 20, 3);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = rt();
     rt.block_on(async {
         let client = reqwest::Client::new();
         shoal::registry::push_blob(&client, &registry.url(), REPO, &blob, None)
@@ -324,28 +325,16 @@ fn a_registry_that_answers_429_then_200_does_not_fail_pulls() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(dir.path(), &[]);
     let blob = random_blob(8 << 20, 4);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = rt();
     rt.block_on(async {
         let client = reqwest::Client::new();
         shoal::registry::push_blob(&client, &registry.url(), REPO, &blob, None)
             .await
             .unwrap();
         let (proxy, throttled) = throttling_proxy(&registry.addr).await;
-        let upstream = UpstreamConfig {
-            insecure: [proxy.parse().unwrap()].into_iter().collect(),
-            ..Default::default()
-        };
-        let sn = Supernode::start(SupernodeConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            api_listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: dir.path().join("supernode"),
-            upstream,
-        })
-        .await
-        .unwrap();
+        let sn = Supernode::start(supernode_config(dir.path(), &proxy, "127.0.0.1:0"))
+            .await
+            .unwrap();
         let supernodes = vec![sn.quic_addr.to_string()];
         let token = sn.join_token.to_string();
         let mut daemons = Vec::new();
@@ -377,10 +366,7 @@ fn a_restarted_supernode_learns_the_swarm_again() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(dir.path(), &[]);
     let (a, b) = (random_blob(2 << 20, 5), random_blob(1 << 20, 6));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = rt();
     rt.block_on(async {
         let client = reqwest::Client::new();
         for blob in [&a, &b] {
@@ -405,18 +391,9 @@ fn a_restarted_supernode_learns_the_swarm_again() {
         drop(sn);
 
         // The same address and data directory (so the same CA and join token).
-        let upstream = UpstreamConfig {
-            insecure: [registry.addr.parse().unwrap()].into_iter().collect(),
-            ..Default::default()
-        };
         let mut restarted = None;
         for _ in 0..50 {
-            let config = SupernodeConfig {
-                listen: addr,
-                api_listen: "127.0.0.1:0".parse().unwrap(),
-                data_dir: dir.path().join("supernode"),
-                upstream: upstream.clone(),
-            };
+            let config = supernode_config(dir.path(), &registry.addr, &addr.to_string());
             match Supernode::start(config).await {
                 Ok(sn) => {
                     restarted = Some(sn);

@@ -97,6 +97,17 @@ impl Daemon {
         self.listener.local_addr()
     }
 
+    /// Serves on a task of its own (for embedding: the demo, benches, tests). Stops when
+    /// the returned handle is stopped or dropped.
+    pub fn spawn(self) -> std::io::Result<RunningDaemon> {
+        let url = format!("http://{}", self.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(self.run(async move {
+            let _ = stopped.await;
+        }));
+        Ok(RunningDaemon { url, stop, task })
+    }
+
     /// Serves until `shutdown` resolves, then gives open connections a short grace.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Daemon {
@@ -148,6 +159,22 @@ impl Daemon {
         .await;
         connections.shutdown().await;
         background.shutdown().await;
+    }
+}
+
+/// A daemon serving on its own task.
+pub struct RunningDaemon {
+    /// `http://ADDR` of its front.
+    pub url: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningDaemon {
+    /// Shuts it down and waits for it.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
     }
 }
 
