@@ -53,7 +53,7 @@ fn random_blob(len: usize, seed: u64) -> Blob {
 /// GETs `url` (`http://HOST:PORT/path`), discarding the body; returns the time to the last
 /// byte. A minimal HTTP/1.1 client reading into one reused buffer, so that the client's own
 /// allocations do not set the pace of what is measured.
-async fn timed_get(url: &str, expected: u64) -> anyhow::Result<Duration> {
+pub(crate) async fn timed_get(url: &str, expected: u64) -> anyhow::Result<Duration> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let rest = url
         .strip_prefix("http://")
@@ -116,7 +116,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// Peak resident set of a process, in bytes.
-fn peak_rss(pid: u32) -> anyhow::Result<u64> {
+pub(crate) fn peak_rss(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: u64 = status
         .lines()

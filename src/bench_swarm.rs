@@ -5,7 +5,9 @@
 //!   8 requests in flight on one connection), vs raw quinn moving the same bytes on one
 //!   stream between the same two endpoints (same TLS, same socket buffers);
 //! - small blobs: 1 MiB blobs GET directly from `docker-registry` vs through a shoald that
-//!   is in a swarm (supernode in process: the seed fetches, the node takes the piece).
+//!   is in a swarm (supernode in process: the seed fetches, the node takes the piece);
+//! - memory: peak RSS (`VmHWM`, reset once the node holds the blob) of a shoald process
+//!   that holds the big blob while `--peers` other shoald processes pull it at once.
 
 use std::os::unix::fs::FileExt as _;
 use std::sync::Arc;
@@ -32,6 +34,9 @@ pub struct SwarmBenchArgs {
     /// Distinct 1 MiB blobs for the latency figures
     #[arg(long, default_value_t = 20)]
     pub small_blobs: usize,
+    /// Peers pulling the big blob at once from a node that holds it (memory figure; 0 skips)
+    #[arg(long, default_value_t = 8)]
+    pub peers: usize,
 }
 
 fn median(mut xs: Vec<Duration>) -> Duration {
@@ -187,6 +192,12 @@ pub async fn swarm(args: &SwarmBenchArgs) -> anyhow::Result<()> {
     let (direct, via) = (median(direct), median(via));
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
 
+    let memory = if args.peers > 0 {
+        Some(serving_memory(args, &registry, dir.path()).await?)
+    } else {
+        None
+    };
+
     println!("| what | raw | shoal | ratio / added | target |");
     println!("| --- | --- | --- | --- | --- |");
     println!(
@@ -202,5 +213,84 @@ pub async fn swarm(args: &SwarmBenchArgs) -> anyhow::Result<()> {
         ms(via),
         ms(via.saturating_sub(direct))
     );
+    if let Some(m) = memory {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        println!(
+            "| peak RSS of the node holding the {} MiB blob while {} peers pull it ({:.0} MiB of theirs from peers) | | {:.1} MiB (pullers: max {:.1} MiB) | | <= 64 MiB |",
+            args.mib,
+            args.peers,
+            mib(m.from_peers),
+            mib(m.holder),
+            mib(m.puller_max)
+        );
+    }
     Ok(())
+}
+
+struct Memory {
+    holder: u64,
+    puller_max: u64,
+    from_peers: u64,
+}
+
+/// A shoald process takes the big blob through the swarm; then, with its peak RSS reset,
+/// `args.peers` fresh shoald processes pull the blob at the same moment.
+async fn serving_memory(
+    args: &SwarmBenchArgs,
+    registry: &Registry,
+    dir: &std::path::Path,
+) -> anyhow::Result<Memory> {
+    use crate::testbed::{Shoald, SupernodeProc};
+    let blob = Image::build(
+        &[LayerSpec::Random {
+            size: args.mib << 20,
+        }],
+        900,
+    )
+    .layers[0]
+        .clone();
+    let len = blob.bytes.len() as u64;
+    let client = reqwest::Client::new();
+    crate::registry::push_blob(&client, &registry.url(), "bench/serve", &blob, None).await?;
+    let start = |name: &str, sn: &SupernodeProc| {
+        let mut args = sn.shoald_args();
+        args.extend(["--insecure-registry".to_owned(), registry.addr.clone()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        tokio::task::block_in_place(|| Shoald::start(&dir.join(name), &args))
+    };
+    let url = |d: &Shoald| {
+        format!(
+            "{}/v2/bench/serve/blobs/{}?ns={}",
+            d.url(),
+            blob.digest,
+            registry.addr
+        )
+    };
+    let sn =
+        tokio::task::block_in_place(|| SupernodeProc::start(&dir.join("sn-proc"), &registry.addr));
+    let holder = start("holder", &sn);
+    crate::bench::timed_get(&url(&holder), len).await?;
+    std::fs::write(format!("/proc/{}/clear_refs", holder.pid()), "5")
+        .context("resetting the holder's peak RSS (/proc/PID/clear_refs)")?;
+    let pullers: Vec<Shoald> = (0..args.peers)
+        .map(|i| start(&format!("puller-{i}"), &sn))
+        .collect();
+    let urls: Vec<String> = pullers.iter().map(url).collect();
+    let gets = urls.iter().map(|u| crate::bench::timed_get(u, len));
+    for got in futures_util::future::join_all(gets).await {
+        got?;
+    }
+    let holder_rss = crate::bench::peak_rss(holder.pid())?;
+    let mut puller_max = 0;
+    let mut from_peers = 0;
+    for p in &pullers {
+        puller_max = puller_max.max(crate::bench::peak_rss(p.pid())?);
+        let metrics = tokio::task::block_in_place(|| p.metrics());
+        from_peers += crate::demo::fetched_from(&metrics, "Peer");
+    }
+    Ok(Memory {
+        holder: holder_rss,
+        puller_max,
+        from_peers,
+    })
 }
