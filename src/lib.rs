@@ -10,6 +10,8 @@
 //! - [`testbed`]: real registry, containerd and shoald processes for tests and benches.
 //! - [`bench`]: `shoal bench mirror`, shoald's speed against a direct registry GET.
 //! - [`bench_swarm`]: `shoal bench swarm`, piece transfer against raw QUIC, swarm latency.
+//! - [`sim`]: `shoal sim`, thousands of simulated nodes on the real scheduler and planner.
+//! - [`report`]: the results of scale-out runs: table, JSON, HTML with SVG plots.
 #![forbid(unsafe_code)]
 
 pub mod bench;
@@ -18,4 +20,6 @@ pub mod demo;
 pub mod image;
 pub mod origin;
 pub mod registry;
+pub mod report;
+pub mod sim;
 pub mod testbed;

@@ -18,6 +18,9 @@ enum Command {
     /// Measure shoal against raw figures taken in the same run
     #[command(subcommand)]
     Bench(Bench),
+    /// Simulate thousands of nodes pulling one image: a flow-level network model driving
+    /// the real supernode scheduler and daemon planner on a virtual clock
+    Sim(shoal::sim::SimArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -53,5 +56,9 @@ async fn run() -> anyhow::Result<()> {
         Command::Demo(args) => shoal::demo::run(&args).await,
         Command::Bench(Bench::Mirror(args)) => shoal::bench::mirror(&args).await,
         Command::Bench(Bench::Swarm(args)) => shoal::bench_swarm::swarm(&args).await,
+        Command::Sim(args) => {
+            let run = tokio::task::block_in_place(|| shoal::sim::run(&args))?;
+            shoal::report::finish(&run, args.json.as_deref(), args.report.as_deref())
+        }
     }
 }

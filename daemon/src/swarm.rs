@@ -136,22 +136,7 @@ impl Swarm {
 
     /// The supernodes in the order this blob should try them.
     pub fn ranked(&self, digest: &BlobDigest) -> Vec<SocketAddr> {
-        let mut ranked: Vec<([u8; 32], SocketAddr)> = self
-            .supernodes
-            .iter()
-            .map(|a| {
-                (
-                    Sha256::new()
-                        .chain_update(digest.as_bytes())
-                        .chain_update(a.to_string())
-                        .finalize()
-                        .into(),
-                    *a,
-                )
-            })
-            .collect();
-        ranked.sort_by_key(|r| std::cmp::Reverse(r.0));
-        ranked.into_iter().map(|(_, a)| a).collect()
+        rendezvous(digest, &self.supernodes)
     }
 
     /// Sends a control message; returns the answer for messages that have one.
@@ -354,4 +339,21 @@ fn save(dir: &Path, identity: &NodeIdentity) -> anyhow::Result<()> {
         f.write_all(text.as_bytes())?;
     }
     Ok(())
+}
+
+/// Rendezvous hashing: `supernodes` in the order a blob tries them. Every node computes
+/// the same order, and losing one supernode moves only the blobs it had.
+pub fn rendezvous(digest: &BlobDigest, supernodes: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut ranked: Vec<([u8; 32], SocketAddr)> = supernodes
+        .iter()
+        .map(|a| {
+            let score = Sha256::new()
+                .chain_update(digest.as_bytes())
+                .chain_update(a.to_string())
+                .finalize();
+            (score.into(), *a)
+        })
+        .collect();
+    ranked.sort_by_key(|r| std::cmp::Reverse(r.0));
+    ranked.into_iter().map(|(_, a)| a).collect()
 }

@@ -10,7 +10,12 @@
 //! - only peers that hold pieces the asker lacks;
 //! - spread upload load: a peer already handed out `max_uploads_per_parent` times within the
 //!   load window is skipped while others remain;
-//! - prefer the asker's zone, then the least loaded, then the one with most useful pieces.
+//! - prefer the asker's zone, then the least loaded, then the one with most useful pieces;
+//! - a seed (see [`Scheduler::add_seed`]) offers only pieces no other peer has announced,
+//!   each to at most [`SEED_SPREAD`] askers per load window ("super-seeding"): its upload
+//!   goes to new pieces, and the nodes trade the rest. Without this every node asks the
+//!   seed for the newest pieces and the seed's upload sets the pace of the whole swarm
+//!   (`shoal sim` showed it: 100 nodes, no byte from peers).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -50,10 +55,39 @@ struct Peer {
     handouts: VecDeque<Instant>,
 }
 
+/// Askers a seed offers one piece to within a load window.
+pub const SEED_SPREAD: u8 = 2;
+
 #[derive(Debug)]
 struct Task {
     layout: PieceLayout,
     holders: HashMap<NodeId, PieceSet>,
+    /// Per piece: holders other than seeds.
+    available: Vec<u32>,
+    /// Per piece: how often a seed offered it, and when last.
+    seed_offers: Vec<(u8, Option<Instant>)>,
+}
+
+impl Task {
+    fn new(layout: PieceLayout) -> Self {
+        let count = layout.count() as usize;
+        Task {
+            layout,
+            holders: HashMap::new(),
+            available: vec![0; count],
+            seed_offers: vec![(0, None); count],
+        }
+    }
+
+    fn remove_holder(&mut self, node: &NodeId, is_seed: bool) {
+        if let Some(set) = self.holders.remove(node)
+            && !is_seed
+        {
+            for p in set.iter() {
+                self.available[p.0 as usize] = self.available[p.0 as usize].saturating_sub(1);
+            }
+        }
+    }
 }
 
 /// Why an event was not taken.
@@ -76,6 +110,7 @@ pub struct Scheduler {
     config: SchedulerConfig,
     peers: HashMap<NodeId, Peer>,
     banned: HashSet<NodeId>,
+    seeds: HashSet<NodeId>,
     tasks: HashMap<BlobDigest, Task>,
 }
 
@@ -85,6 +120,12 @@ impl Scheduler {
             config,
             ..Default::default()
         }
+    }
+
+    /// `node` is a seed: it gets every piece from the registry, so the scheduler spends its
+    /// upload on pieces nobody else has.
+    pub fn add_seed(&mut self, node: NodeId) {
+        self.seeds.insert(node);
     }
 
     /// A node announced itself (or came back).
@@ -120,6 +161,13 @@ impl Scheduler {
         Ok(())
     }
 
+    /// A node is still there (its connection is open), whether or not it said anything.
+    pub fn keep_alive(&mut self, now: Instant, node: NodeId) {
+        if let Some(peer) = self.peers.get_mut(&node) {
+            peer.last_seen = now;
+        }
+    }
+
     /// A node wants a blob. Returns true when the task is new (the seed should start).
     pub fn want(
         &mut self,
@@ -132,10 +180,7 @@ impl Scheduler {
         let mut created = false;
         let task = self.tasks.entry(digest).or_insert_with(|| {
             created = true;
-            Task {
-                layout,
-                holders: HashMap::new(),
-            }
+            Task::new(layout)
         });
         if task.layout != layout {
             return Err(ScheduleError::LayoutMismatch);
@@ -167,7 +212,15 @@ impl Scheduler {
             .holders
             .entry(node)
             .or_insert_with(|| PieceSet::empty(count));
-        pieces.iter().for_each(|p| set.insert(*p));
+        let is_seed = self.seeds.contains(&node);
+        for p in pieces {
+            if !set.contains(*p) {
+                set.insert(*p);
+                if !is_seed {
+                    task.available[p.0 as usize] += 1;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -191,8 +244,9 @@ impl Scheduler {
 
     /// A node dropped a blob.
     pub fn drop_blob(&mut self, node: NodeId, digest: &BlobDigest) {
+        let is_seed = self.seeds.contains(&node);
         if let Some(task) = self.tasks.get_mut(digest) {
-            task.holders.remove(&node);
+            task.remove_holder(&node, is_seed);
         }
     }
 
@@ -203,8 +257,9 @@ impl Scheduler {
 
     fn forget_peer(&mut self, node: NodeId) {
         self.peers.remove(&node);
+        let is_seed = self.seeds.contains(&node);
         for task in self.tasks.values_mut() {
-            task.holders.remove(&node);
+            task.remove_holder(&node, is_seed);
         }
     }
 
@@ -232,7 +287,10 @@ impl Scheduler {
         digest: &BlobDigest,
     ) -> Result<Vec<Parent>, ScheduleError> {
         self.touch(now, asker)?;
-        let task = self.tasks.get(digest).ok_or(ScheduleError::UnknownTask)?;
+        let task = self
+            .tasks
+            .get_mut(digest)
+            .ok_or(ScheduleError::UnknownTask)?;
         let count = task.layout.count();
         let empty = PieceSet::empty(count);
         let mine = task.holders.get(&asker).unwrap_or(&empty);
@@ -246,6 +304,11 @@ impl Scheduler {
             self.config.load_window,
             self.config.max_uploads_per_parent,
         );
+        let seed_may_offer = |p: PieceIndex, offers: &[(u8, Option<Instant>)]| {
+            let (n, last) = offers[p.0 as usize];
+            task.available[p.0 as usize] == 0
+                && (n < SEED_SPREAD || last.is_none_or(|t| now.duration_since(t) > window))
+        };
 
         let mut candidates: Vec<(bool, bool, usize, u32, NodeId)> = Vec::new();
         for (node, pieces) in &task.holders {
@@ -255,7 +318,13 @@ impl Scheduler {
             if *node == asker || now.duration_since(peer.last_seen) > timeout {
                 continue;
             }
-            let useful = pieces.iter().filter(|p| !mine.contains(*p)).count() as u32;
+            let is_seed = self.seeds.contains(node);
+            let useful = pieces
+                .iter()
+                .filter(|p| {
+                    !mine.contains(*p) && (!is_seed || seed_may_offer(*p, &task.seed_offers))
+                })
+                .count() as u32;
             if useful == 0 {
                 continue;
             }
@@ -286,10 +355,29 @@ impl Scheduler {
         for node in chosen {
             let peer = self.peers.get_mut(&node).expect("candidate is a peer");
             peer.handouts.push_back(now);
+            let held = &task.holders[&node];
+            let pieces = if self.seeds.contains(&node) {
+                // Only the pieces nobody else has, and the offer is counted.
+                let mut offered = PieceSet::empty(count);
+                let mine = task.holders.get(&asker).unwrap_or(&empty);
+                for p in held.iter() {
+                    if !mine.contains(p) && seed_may_offer(p, &task.seed_offers) {
+                        offered.insert(p);
+                    }
+                }
+                for p in offered.iter() {
+                    let o = &mut task.seed_offers[p.0 as usize];
+                    let expired = o.1.is_some_and(|t| now.duration_since(t) > window);
+                    *o = (if expired { 1 } else { o.0.saturating_add(1) }, Some(now));
+                }
+                offered
+            } else {
+                held.clone()
+            };
             parents.push(Parent {
                 node,
                 addr: peer.addr,
-                pieces: task.holders[&node].clone(),
+                pieces,
             });
         }
         Ok(parents)
@@ -371,6 +459,37 @@ mod tests {
         assert!(
             ids.is_empty(),
             "the seed has everything: nobody is useful to it"
+        );
+    }
+
+    #[test]
+    fn a_seed_offers_only_pieces_nobody_else_has_each_to_few_askers() {
+        let (mut s, mut clock, d, layout) = setup(6, |_| "a");
+        let seed = NodeId(0);
+        s.add_seed(seed);
+        s.have(clock.now(), seed, &d, &all(&layout)).unwrap();
+        // Node 1 announced pieces 0-3: the seed does not offer those any more.
+        let first_half: Vec<_> = (0..4).map(PieceIndex).collect();
+        s.have(clock.now(), NodeId(1), &d, &first_half).unwrap();
+        let seed_offer = |s: &mut Scheduler, asker: u64, now| {
+            s.parents(now, NodeId(asker), &d)
+                .unwrap()
+                .into_iter()
+                .find(|p| p.node == seed)
+                .map(|p| p.pieces.iter().map(|i| i.0).collect::<Vec<_>>())
+        };
+        assert_eq!(seed_offer(&mut s, 2, clock.now()), Some(vec![4, 5, 6, 7]));
+        assert_eq!(seed_offer(&mut s, 3, clock.now()), Some(vec![4, 5, 6, 7]));
+        // Pieces 4-7 went to two askers in this window: the next asker trades with them.
+        assert_eq!(seed_offer(&mut s, 4, clock.now()), None);
+        // A window later, nobody announced them (the askers may be gone): offered again.
+        clock.advance(SchedulerConfig::default().load_window + Duration::from_millis(1));
+        assert_eq!(seed_offer(&mut s, 4, clock.now()), Some(vec![4, 5, 6, 7]));
+        // A holder that leaves makes its pieces rare again.
+        s.leave(NodeId(1));
+        assert_eq!(
+            seed_offer(&mut s, 5, clock.now()),
+            Some(vec![0, 1, 2, 3, 4, 5, 6, 7])
         );
     }
 

@@ -1,6 +1,7 @@
 //! The supernode's drivers: QUIC control and seed pieces, and the HTTP API (`/healthz`,
 //! `/metrics`, `/status`, `/join`). The scheduling itself is [`crate::Scheduler`]'s.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -65,11 +66,18 @@ struct State {
     join_token: JoinToken,
     decisions: AtomicU64,
     seed_bytes: AtomicU64,
+    /// Open connections per node: a connected node is alive even when it has nothing to
+    /// say (e.g. it holds whole blobs and pulls nothing).
+    connected: Mutex<HashMap<NodeId, usize>>,
 }
 
 impl State {
     fn scheduler(&self) -> std::sync::MutexGuard<'_, Scheduler> {
         self.scheduler.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn connected(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, usize>> {
+        self.connected.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -101,10 +109,13 @@ impl Supernode {
             join_token: join_token.clone(),
             decisions: AtomicU64::new(0),
             seed_bytes: AtomicU64::new(0),
+            connected: Mutex::new(HashMap::new()),
         });
-        state
-            .scheduler()
-            .hello(Instant::now(), me, String::new(), quic_addr)?;
+        {
+            let mut s = state.scheduler();
+            s.add_seed(me);
+            s.hello(Instant::now(), me, String::new(), quic_addr)?;
+        }
 
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(accept_quic(endpoint.clone(), state.clone()));
@@ -185,8 +196,12 @@ async fn housekeeping(state: Arc<State>) {
     loop {
         tick.tick().await;
         let now = Instant::now();
+        let connected: Vec<NodeId> = state.connected().keys().copied().collect();
         let mut s = state.scheduler();
         let _ = s.hello(now, state.me, String::new(), state.quic_addr);
+        for node in connected {
+            s.keep_alive(now, node);
+        }
         s.expire(now);
     }
 }
@@ -203,6 +218,7 @@ async fn accept_quic(endpoint: Endpoint, state: Arc<State>) {
     });
     while let Some((conn, node)) = endpoint.accept().await {
         let (state, lookup, uploads) = (state.clone(), lookup.clone(), uploads.clone());
+        *state.connected().entry(node).or_default() += 1;
         tokio::spawn(async move {
             while let Ok((send, mut recv)) = conn.accept_bi().await {
                 let (state, lookup, uploads) = (state.clone(), lookup.clone(), uploads.clone());
@@ -219,8 +235,16 @@ async fn accept_quic(endpoint: Endpoint, state: Arc<State>) {
                     }
                 });
             }
-            state.scheduler().leave(node);
-            tracing::debug!(node = node.0, "node disconnected");
+            let last = {
+                let mut connected = state.connected();
+                let n = connected.entry(node).or_insert(1);
+                *n -= 1;
+                *n == 0 && connected.remove(&node).is_some()
+            };
+            if last {
+                state.scheduler().leave(node);
+                tracing::debug!(node = node.0, "node disconnected");
+            }
         });
     }
 }

@@ -1,0 +1,854 @@
+//! `shoal sim`: thousands of nodes pulling one image, simulated.
+//!
+//! A flow-level network ([`net`]) moves the bytes; the real supernode [`Scheduler`] and
+//! the real daemon [`Planner`] make every decision, on a virtual clock. What the drivers
+//! do around them is reproduced here as the daemon and supernode do it:
+//! - a node says hello to every supernode, asks the blob's supernode (rendezvous order)
+//!   for the task, and asks again every 50 ms while the seed is still publishing hashes
+//!   (the real supernode holds the question until it has more), every 200 ms after;
+//!   each question first announces the pieces got since the last (batched `Have`);
+//! - the first `Want` of a blob starts the seed: it fetches the blob from the registry
+//!   piece after piece and each piece is at once offered by the scheduler;
+//! - a piece from a parent that left, or whose flow was cut, is a failed request
+//!   ([`Failure::Unavailable`]); a node whose supernode died keeps its peers for pieces it
+//!   has hashes of and takes the rest from the registry, as the daemon does.
+//!
+//! The registry, each seed and each node are hosts with an upload and a download capacity.
+
+pub mod net;
+
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use rand::{Rng as _, SeedableRng as _};
+use shoal_daemon::planner::{Failure, Planner, PlannerConfig, Request};
+use shoal_proto::message::NodeId;
+use shoal_proto::{BlobDigest, PieceIndex, PieceLayout};
+use shoal_supernode::{Scheduler, SchedulerConfig};
+
+use crate::report::{Outcome, Run, parse_bytes, parse_rate};
+use net::{Done, Host, Net};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Kraken's published benchmark: 2,600 nodes, a 3 GB image in 2 layers, 300 MB/s each
+    Kraken,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimArgs {
+    /// Nodes pulling the image at once
+    #[arg(long, default_value_t = 1000)]
+    pub nodes: usize,
+    /// Image size (all layers together): 256MiB, 1GiB, 3GB…
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    pub image_size: u64,
+    /// Layers the image is cut into (equal sizes)
+    #[arg(long, default_value_t = 1)]
+    pub layers: usize,
+    /// Upload and download capacity of every node and seed: 100mbit, 1gbit, 300MB/s…
+    #[arg(long, default_value = "1gbit", value_parser = parse_rate)]
+    pub bandwidth: u64,
+    /// Upload capacity of the registry (default: --bandwidth)
+    #[arg(long, value_parser = parse_rate)]
+    pub registry_bandwidth: Option<u64>,
+    /// Supernodes (each with its seed); blobs are spread over them by rendezvous hashing
+    #[arg(long, default_value_t = 1)]
+    pub supernodes: usize,
+    /// A published scenario; sets nodes, image, layers and bandwidth
+    #[arg(long, value_enum)]
+    pub scenario: Option<Scenario>,
+    /// Fraction of nodes that join late, at uniform times within --join-window
+    #[arg(long, default_value_t = 0.0)]
+    pub late: f64,
+    /// Seconds over which late nodes join
+    #[arg(long, default_value_t = 10.0)]
+    pub join_window: f64,
+    /// Fraction of nodes that leave mid-pull, at uniform times within the lower bound
+    #[arg(long, default_value_t = 0.0)]
+    pub leave: f64,
+    /// The first supernode dies this many seconds into the run
+    #[arg(long)]
+    pub supernode_dies_at: Option<f64>,
+    /// Baselines to simulate too (only `direct`: every node pulls from the registry)
+    #[arg(long, value_delimiter = ',', default_value = "direct")]
+    pub baseline: Vec<String>,
+    /// Write the results as JSON to this file
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write an HTML report with SVG plots into this directory
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Random seed (join and leave times)
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Model time step in milliseconds (default: a 16th of one piece at --bandwidth)
+    #[arg(long)]
+    pub step_ms: Option<f64>,
+}
+
+impl SimArgs {
+    fn apply_scenario(&mut self) {
+        if let Some(Scenario::Kraken) = self.scenario {
+            self.nodes = 2600;
+            self.image_size = 3_000_000_000;
+            self.layers = 2;
+            self.bandwidth = 300_000_000;
+        }
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.nodes > 0, "--nodes must be at least 1");
+        anyhow::ensure!(
+            self.layers > 0 && self.image_size >= self.layers as u64,
+            "--layers must be at least 1 and at most the image size in bytes"
+        );
+        anyhow::ensure!(self.supernodes > 0, "--supernodes must be at least 1");
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.late) && (0.0..=1.0).contains(&self.leave),
+            "--late and --leave are fractions between 0 and 1"
+        );
+        for b in self.baseline.iter().filter(|b| !b.is_empty()) {
+            anyhow::ensure!(
+                b == "direct",
+                "shoal sim models only the `direct` baseline (every node pulls from the registry), not {b:?}"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Questions to the supernode while hashes are still coming, and after.
+const HASH_POLL: f64 = 0.050;
+const REFRESH: f64 = 0.200;
+/// The supernode's housekeeping: connected peers are kept, silent ones expire.
+const HOUSEKEEPING: f64 = 5.0;
+const SEED_ID_BASE: u64 = 1 << 40;
+/// Pieces a host sends at once before it answers "busy": shoald's `--max-upload-peers`
+/// default and the supernode's seed limit.
+const NODE_UPLOADS: u16 = 16;
+const SEED_UPLOADS: u16 = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Src {
+    Peer,
+    Seed,
+    Registry,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Tag {
+    /// The seed of supernode `sn` fetching a piece of `blob` from the registry.
+    SeedFetch { sn: u32, blob: u32, piece: u32 },
+    /// A node fetching a piece for one of its pulls.
+    Piece { pull: u32, piece: u32, src: Src },
+}
+
+struct Blob {
+    digest: BlobDigest,
+    layout: PieceLayout,
+    /// Supernodes in rendezvous order.
+    ranked: Vec<usize>,
+}
+
+struct Supernode {
+    scheduler: Scheduler,
+    alive: bool,
+    /// Pieces the seed has of each blob it seeds.
+    seeded: HashMap<u32, u32>,
+}
+
+struct Pull {
+    node: u32,
+    blob: u32,
+    sn: usize,
+    planner: Option<Planner>,
+    haves: Vec<PieceIndex>,
+    prefix: u32,
+    asked: bool,
+    lost: bool,
+    done: bool,
+}
+
+struct Node {
+    join_at: f64,
+    leave_at: Option<f64>,
+    left: bool,
+    pulls_left: usize,
+    done_at: Option<f64>,
+}
+
+#[derive(Default)]
+struct Bytes {
+    peer: u64,
+    seed: u64,
+    fallback: u64,
+    registry: f64,
+}
+
+fn node_id(i: u32) -> NodeId {
+    NodeId(u64::from(i) + 1)
+}
+
+fn addr_of(i: u64) -> SocketAddr {
+    let b = i.to_be_bytes();
+    SocketAddr::from(([10, b[5], b[6], b[7]], 4000))
+}
+
+/// A micro-second clock for the event heap.
+fn tick(t: f64) -> u64 {
+    (t * 1e6).round() as u64
+}
+
+pub fn run(args: &SimArgs) -> anyhow::Result<Run> {
+    let mut args = args.clone();
+    args.apply_scenario();
+    args.check()?;
+    let started = Instant::now();
+    let bw = args.bandwidth as f64;
+    let lower_bound = args.image_size as f64 / bw;
+    let step = args.step_ms.map_or_else(
+        || f64::from(shoal_proto::piece::PIECE_SIZE) / bw / 16.0,
+        |ms| ms / 1000.0,
+    );
+    anyhow::ensure!(step > 0.0, "--step-ms must be positive");
+
+    let mut sim = Sim::new(&args, step)?;
+    let shoal = sim.run(lower_bound);
+    let mut baselines = BTreeMap::new();
+    if args.baseline.iter().any(|b| b == "direct") {
+        baselines.insert(
+            "direct".to_owned(),
+            direct(&args, step).finish(args.image_size, lower_bound),
+        );
+    }
+    Ok(Run {
+        mode: "sim",
+        nodes: args.nodes,
+        image_bytes: args.image_size,
+        layers: args.layers,
+        bandwidth_bytes_per_s: args.bandwidth,
+        lower_bound_s: lower_bound,
+        wall_s: started.elapsed().as_secs_f64(),
+        shoal: shoal.finish(args.image_size, lower_bound),
+        baselines,
+    })
+}
+
+struct Sim {
+    base: Instant,
+    step: f64,
+    net: Net<Tag>,
+    registry: Host,
+    blobs: Vec<Blob>,
+    sns: Vec<Supernode>,
+    nodes: Vec<Node>,
+    pulls: Vec<Pull>,
+    /// (next question time, pull), soonest first.
+    asks: BinaryHeap<std::cmp::Reverse<(u64, u32)>>,
+    touched: Vec<u32>,
+    is_touched: Vec<bool>,
+    bytes: Bytes,
+    dies_at: Option<f64>,
+    /// Pieces each host is sending now.
+    uploads: Vec<u16>,
+}
+
+impl Sim {
+    fn new(args: &SimArgs, step: f64) -> anyhow::Result<Self> {
+        let n = args.nodes;
+        let bw = args.bandwidth as f64;
+        let registry_bw = args.registry_bandwidth.unwrap_or(args.bandwidth) as f64;
+        let caps = std::iter::repeat_n((bw, bw), n + args.supernodes)
+            .chain(std::iter::once((registry_bw, f64::INFINITY)));
+        let net = Net::new(caps);
+        let sn_addrs: Vec<SocketAddr> = (0..args.supernodes)
+            .map(|k| addr_of(SEED_ID_BASE + k as u64))
+            .collect();
+        let per_layer = args.image_size / args.layers as u64;
+        let blobs = (0..args.layers)
+            .map(|l| {
+                let len = if l + 1 == args.layers {
+                    args.image_size - per_layer * (args.layers as u64 - 1)
+                } else {
+                    per_layer
+                };
+                let digest = BlobDigest::of(format!("sim layer {l}").as_bytes());
+                let ranked = shoal_daemon::swarm::rendezvous(&digest, &sn_addrs)
+                    .iter()
+                    .map(|a| sn_addrs.iter().position(|s| s == a).expect("ranked"))
+                    .collect();
+                Ok(Blob {
+                    digest,
+                    layout: PieceLayout::for_blob(len)?,
+                    ranked,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let base = Instant::now();
+        let sns = (0..args.supernodes)
+            .map(|k| {
+                let mut scheduler = Scheduler::new(SchedulerConfig::default());
+                let seed = NodeId(SEED_ID_BASE + k as u64);
+                scheduler.add_seed(seed);
+                let _ = scheduler.hello(base, seed, String::new(), addr_of(seed.0));
+                Supernode {
+                    scheduler,
+                    alive: true,
+                    seeded: HashMap::new(),
+                }
+            })
+            .collect();
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(args.seed);
+        let lower_bound = args.image_size as f64 / bw;
+        let nodes = (0..n)
+            .map(|_| {
+                let join_at = if rng.random_bool(args.late) {
+                    rng.random_range(0.0..args.join_window.max(f64::MIN_POSITIVE))
+                } else {
+                    0.0
+                };
+                let leave_at = rng
+                    .random_bool(args.leave)
+                    .then(|| join_at + rng.random_range(0.0..lower_bound));
+                Node {
+                    join_at,
+                    leave_at,
+                    left: false,
+                    pulls_left: args.layers,
+                    done_at: None,
+                }
+            })
+            .collect();
+        let pulls = (0..n)
+            .flat_map(|i| (0..args.layers).map(move |b| (i, b)))
+            .map(|(i, b)| Pull {
+                node: i as u32,
+                blob: b as u32,
+                sn: blobs[b].ranked[0],
+                planner: None,
+                haves: Vec::new(),
+                prefix: 0,
+                asked: false,
+                lost: false,
+                done: false,
+            })
+            .collect::<Vec<_>>();
+        let is_touched = vec![false; pulls.len()];
+        Ok(Self {
+            base,
+            step,
+            net,
+            registry: (n + args.supernodes) as Host,
+            blobs,
+            sns,
+            nodes,
+            pulls,
+            asks: BinaryHeap::new(),
+            touched: Vec::new(),
+            is_touched,
+            bytes: Bytes::default(),
+            dies_at: args.supernode_dies_at,
+            uploads: vec![0; n + args.supernodes + 1],
+        })
+    }
+
+    fn now(&self, t: f64) -> Instant {
+        self.base + Duration::from_secs_f64(t)
+    }
+
+    fn touch(&mut self, pull: u32) {
+        if !self.is_touched[pull as usize] {
+            self.is_touched[pull as usize] = true;
+            self.touched.push(pull);
+        }
+    }
+
+    fn seed_host(&self, sn: usize) -> Host {
+        (self.nodes.len() + sn) as Host
+    }
+
+    fn run(&mut self, lower_bound: f64) -> Outcome {
+        let mut joins: Vec<(f64, u32)> = (0..self.nodes.len())
+            .map(|i| (self.nodes[i].join_at, i as u32))
+            .collect();
+        joins.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut leaves: Vec<(f64, u32)> = (0..self.nodes.len())
+            .filter_map(|i| self.nodes[i].leave_at.map(|t| (t, i as u32)))
+            .collect();
+        leaves.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (mut next_join, mut next_leave) = (0, 0);
+        let limit = 20.0 * lower_bound + 120.0;
+        let sample_every = (lower_bound / 200.0).max(self.step);
+        let mut next_sample = 0.0;
+        let mut next_housekeeping = HOUSEKEEPING;
+        let mut series = Vec::new();
+        let mut done = Vec::new();
+        let mut t = 0.0;
+        let mut active = self.nodes.len();
+        while active > 0 && t <= limit {
+            while next_join < joins.len() && joins[next_join].0 <= t {
+                self.join(t, joins[next_join].1);
+                next_join += 1;
+            }
+            while next_leave < leaves.len() && leaves[next_leave].0 <= t {
+                let node = leaves[next_leave].1;
+                if self.nodes[node as usize].done_at.is_none() {
+                    self.leave(t, node);
+                    active -= 1;
+                }
+                next_leave += 1;
+            }
+            if self.dies_at.is_some_and(|d| d <= t) {
+                self.dies_at = None;
+                self.supernode_dies(t, 0);
+            }
+            if t >= next_housekeeping {
+                next_housekeeping += HOUSEKEEPING;
+                self.housekeeping(t);
+            }
+            while let Some(std::cmp::Reverse((at, pull))) = self.asks.peek().copied() {
+                if at > tick(t) {
+                    break;
+                }
+                self.asks.pop();
+                self.ask(t, pull);
+            }
+            self.plan(t);
+            if t >= next_sample {
+                series.push((t, self.bytes.registry as u64));
+                next_sample += sample_every;
+            }
+
+            let moved = self.net.step(self.step, self.registry, &mut done);
+            self.bytes.registry += moved;
+            t += self.step;
+            for d in done.drain(..) {
+                if let Some(node) = self.finished(t, d) {
+                    let _ = node;
+                    active -= 1;
+                }
+            }
+        }
+        series.push((t, self.bytes.registry as u64));
+        let node_completion_s: Vec<f64> = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.done_at.map(|d| d - n.join_at))
+            .collect();
+        let failures = self
+            .nodes
+            .iter()
+            .filter(|n| !n.left && n.done_at.is_none())
+            .count();
+        Outcome {
+            registry_egress_bytes: self.bytes.registry as u64,
+            peer_bytes: self.bytes.peer,
+            seed_bytes: self.bytes.seed,
+            fallback_bytes: self.bytes.fallback,
+            failures,
+            node_completion_s,
+            registry_egress_over_time: series,
+            ..Default::default()
+        }
+    }
+
+    fn join(&mut self, t: f64, node: u32) {
+        let now = self.now(t);
+        let id = node_id(node);
+        for sn in self.sns.iter_mut().filter(|s| s.alive) {
+            let _ = sn.scheduler.hello(now, id, String::new(), addr_of(id.0));
+        }
+        for b in 0..self.blobs.len() {
+            let pull = node as usize * self.blobs.len() + b;
+            let layout = self.blobs[b].layout;
+            let planner = Planner::new(PlannerConfig::default(), layout, id, now);
+            self.pulls[pull].planner = Some(planner);
+            if !self.sns[self.pulls[pull].sn].alive {
+                self.move_to_next_supernode(pull as u32);
+            }
+            self.ask(t, pull as u32);
+        }
+    }
+
+    /// The blob's supernode is gone before the node asked: the next in rendezvous order.
+    fn move_to_next_supernode(&mut self, pull: u32) {
+        let p = &mut self.pulls[pull as usize];
+        match self.blobs[p.blob as usize]
+            .ranked
+            .iter()
+            .find(|k| self.sns[**k].alive)
+        {
+            Some(k) => p.sn = *k,
+            None => {
+                p.lost = true;
+                if let Some(planner) = p.planner.as_mut() {
+                    planner.registry_only();
+                }
+            }
+        }
+    }
+
+    /// One question to the supernode: announce, want, parents, hashes.
+    fn ask(&mut self, t: f64, pull: u32) {
+        let now = self.now(t);
+        let p = &mut self.pulls[pull as usize];
+        if p.done || p.lost || self.nodes[p.node as usize].left {
+            return;
+        }
+        let (sn_index, blob_index) = (p.sn, p.blob);
+        let blob = &self.blobs[blob_index as usize];
+        let sn = &mut self.sns[sn_index];
+        if !sn.alive {
+            return;
+        }
+        let id = node_id(p.node);
+        if !p.haves.is_empty() {
+            let _ = sn.scheduler.have(now, id, &blob.digest, &p.haves);
+            p.haves.clear();
+        }
+        let mut start_seed = false;
+        if !p.asked {
+            p.asked = true;
+            if sn.scheduler.want(now, id, blob.digest, blob.layout) == Ok(true) {
+                let seed = NodeId(SEED_ID_BASE + sn_index as u64);
+                let _ = sn.scheduler.want(now, seed, blob.digest, blob.layout);
+                sn.seeded.insert(blob_index, 0);
+                start_seed = true;
+            }
+        }
+        let parents = sn
+            .scheduler
+            .parents(now, id, &blob.digest)
+            .unwrap_or_default();
+        let hashes = sn.seeded.get(&blob_index).copied().unwrap_or(0);
+        let planner = p.planner.as_mut().expect("joined");
+        planner.hashes_known(hashes);
+        planner.offer(parents);
+        let again = if hashes < blob.layout.count() {
+            HASH_POLL
+        } else {
+            REFRESH
+        };
+        self.asks.push(std::cmp::Reverse((tick(t + again), pull)));
+        if start_seed {
+            self.seed_fetch(sn_index, blob_index, 0);
+        }
+        self.touch(pull);
+    }
+
+    fn seed_fetch(&mut self, sn: usize, blob: u32, piece: u32) {
+        let layout = self.blobs[blob as usize].layout;
+        let Ok(len) = layout.len_of(PieceIndex(piece)) else {
+            return;
+        };
+        let tag = Tag::SeedFetch {
+            sn: sn as u32,
+            blob,
+            piece,
+        };
+        self.net
+            .start(self.registry, self.seed_host(sn), u64::from(len), tag);
+    }
+
+    /// Every touched pull asks its planner what to fetch, and the flows start.
+    fn plan(&mut self, t: f64) {
+        let now = self.now(t);
+        let touched = std::mem::take(&mut self.touched);
+        for &pull in &touched {
+            self.is_touched[pull as usize] = false;
+            let p = &mut self.pulls[pull as usize];
+            if p.done || self.nodes[p.node as usize].left {
+                continue;
+            }
+            let Some(planner) = p.planner.as_mut() else {
+                continue;
+            };
+            let layout = self.blobs[p.blob as usize].layout;
+            let to = p.node;
+            for request in planner.next_requests(now) {
+                let (piece, from, src) = match request {
+                    Request::Registry { piece } => (piece, self.registry, Src::Registry),
+                    Request::Peer { parent, piece } => {
+                        let host = if parent.0 >= SEED_ID_BASE {
+                            let sn = (parent.0 - SEED_ID_BASE) as usize;
+                            if !self.sns[sn].alive {
+                                planner.failed(now, piece, Failure::Unavailable);
+                                continue;
+                            }
+                            (self.nodes.len() + sn) as Host
+                        } else {
+                            let host = (parent.0 - 1) as Host;
+                            if self.nodes[host as usize].left {
+                                planner.failed(now, piece, Failure::Unavailable);
+                                continue;
+                            }
+                            host
+                        };
+                        let src = if parent.0 >= SEED_ID_BASE {
+                            Src::Seed
+                        } else {
+                            Src::Peer
+                        };
+                        (piece, host, src)
+                    }
+                };
+                let slots = if src == Src::Seed {
+                    SEED_UPLOADS
+                } else {
+                    NODE_UPLOADS
+                };
+                if src != Src::Registry {
+                    if self.uploads[from as usize] >= slots {
+                        planner.failed(now, piece, Failure::Unavailable);
+                        continue;
+                    }
+                    self.uploads[from as usize] += 1;
+                }
+                let len = layout.len_of(piece).unwrap_or(0);
+                let tag = Tag::Piece {
+                    pull,
+                    piece: piece.0,
+                    src,
+                };
+                self.net.start(from, to, u64::from(len), tag);
+            }
+        }
+        self.touched = touched;
+        self.touched.clear();
+    }
+
+    /// A flow finished; returns the node when it completed its last pull.
+    fn finished(&mut self, t: f64, d: Done<Tag>) -> Option<u32> {
+        let now = self.now(t);
+        match d.tag {
+            Tag::SeedFetch { sn, blob, piece } => {
+                let sn = sn as usize;
+                if !self.sns[sn].alive {
+                    return None;
+                }
+                let digest = self.blobs[blob as usize].digest;
+                let seed = NodeId(SEED_ID_BASE + sn as u64);
+                let s = &mut self.sns[sn];
+                let _ = s.scheduler.have(now, seed, &digest, &[PieceIndex(piece)]);
+                s.seeded.insert(blob, piece + 1);
+                self.seed_fetch(sn, blob, piece + 1);
+                None
+            }
+            Tag::Piece { pull, piece, src } => {
+                if src != Src::Registry {
+                    self.uploads[d.from as usize] -= 1;
+                }
+                let layout = self.blobs[self.pulls[pull as usize].blob as usize].layout;
+                let len = u64::from(layout.len_of(PieceIndex(piece)).unwrap_or(0));
+                match src {
+                    Src::Peer => self.bytes.peer += len,
+                    Src::Seed => self.bytes.seed += len,
+                    Src::Registry => self.bytes.fallback += len,
+                }
+                let p = &mut self.pulls[pull as usize];
+                let planner = p.planner.as_mut().expect("joined");
+                planner.done(now, PieceIndex(piece));
+                p.haves.push(PieceIndex(piece));
+                while p.prefix < layout.count() && planner.have().contains(PieceIndex(p.prefix)) {
+                    p.prefix += 1;
+                }
+                planner.streamed_to(p.prefix);
+                let complete = planner.is_complete();
+                self.touch(pull);
+                if !complete {
+                    return None;
+                }
+                let p = &mut self.pulls[pull as usize];
+                p.done = true;
+                let node = p.node;
+                // The last announcement, as the driver sends it when the blob is complete.
+                let (sn, blob) = (p.sn, p.blob);
+                let haves = std::mem::take(&mut p.haves);
+                if self.sns[sn].alive {
+                    let digest = self.blobs[blob as usize].digest;
+                    let _ = self.sns[sn]
+                        .scheduler
+                        .have(now, node_id(node), &digest, &haves);
+                }
+                let n = &mut self.nodes[node as usize];
+                n.pulls_left -= 1;
+                if n.pulls_left == 0 && !n.left {
+                    n.done_at = Some(t);
+                    return Some(node);
+                }
+                None
+            }
+        }
+    }
+
+    /// A failed flow: the receiving pull's planner hears of it.
+    fn cut_flow(&mut self, t: f64, d: Done<Tag>) {
+        let now = self.now(t);
+        if let Tag::Piece { src, .. } = d.tag
+            && src != Src::Registry
+        {
+            self.uploads[d.from as usize] -= 1;
+        }
+        if let Tag::Piece { pull, piece, .. } = d.tag
+            && let Some(planner) = self.pulls[pull as usize].planner.as_mut()
+        {
+            planner.failed(now, PieceIndex(piece), Failure::Unavailable);
+            self.touch(pull);
+        }
+    }
+
+    fn leave(&mut self, t: f64, node: u32) {
+        self.nodes[node as usize].left = true;
+        for d in self.net.cut(node) {
+            self.cut_flow(t, d);
+        }
+        for sn in self.sns.iter_mut().filter(|s| s.alive) {
+            sn.scheduler.leave(node_id(node));
+        }
+    }
+
+    fn supernode_dies(&mut self, t: f64, sn: usize) {
+        self.sns[sn].alive = false;
+        let host = self.seed_host(sn);
+        for d in self.net.cut(host) {
+            self.cut_flow(t, d);
+        }
+        let seed = NodeId(SEED_ID_BASE + sn as u64);
+        for pull in 0..self.pulls.len() {
+            let p = &mut self.pulls[pull];
+            if p.sn != sn || p.done {
+                continue;
+            }
+            if let Some(planner) = p.planner.as_mut() {
+                // As the daemon does when its supernode is lost mid-pull.
+                planner.hashes_final();
+                planner.remove_parent(seed);
+                p.lost = true;
+                self.touch(pull as u32);
+            } else {
+                self.move_to_next_supernode(pull as u32);
+            }
+        }
+    }
+
+    /// The supernode's housekeeping: nodes with an open connection stay, others expire.
+    fn housekeeping(&mut self, t: f64) {
+        let now = self.now(t);
+        for sn in self.sns.iter_mut().filter(|s| s.alive) {
+            for (i, n) in self.nodes.iter().enumerate() {
+                if !n.left && n.join_at <= t {
+                    sn.scheduler.keep_alive(now, node_id(i as u32));
+                }
+            }
+            sn.scheduler.expire(now);
+        }
+    }
+}
+
+/// The `direct` baseline: every node GETs every layer from the registry.
+fn direct(args: &SimArgs, step: f64) -> Outcome {
+    let n = args.nodes;
+    let bw = args.bandwidth as f64;
+    let registry_bw = args.registry_bandwidth.unwrap_or(args.bandwidth) as f64;
+    let caps =
+        std::iter::repeat_n((bw, bw), n).chain(std::iter::once((registry_bw, f64::INFINITY)));
+    let mut net: Net<u32> = Net::new(caps);
+    let registry = n as Host;
+    for i in 0..n {
+        net.start(registry, i as Host, args.image_size, i as u32);
+    }
+    let mut t = 0.0;
+    let mut sent = 0.0;
+    let mut done = Vec::new();
+    let mut completion = Vec::new();
+    let mut series = vec![(0.0, 0)];
+    let sample_every = (n as f64 * args.image_size as f64 / registry_bw / 200.0).max(step);
+    let mut next_sample = sample_every;
+    // Equal flows from one host progress together: steps can be coarse.
+    let step = step.max(sample_every / 4.0);
+    while !net.is_idle() {
+        sent += net.step(step, registry, &mut done);
+        t += step;
+        completion.extend(done.drain(..).map(|_| t));
+        if t >= next_sample {
+            series.push((t, sent as u64));
+            next_sample += sample_every;
+        }
+    }
+    series.push((t, sent as u64));
+    Outcome {
+        registry_egress_bytes: sent as u64,
+        node_completion_s: completion,
+        registry_egress_over_time: series,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sim: SimArgs,
+    }
+
+    fn sim(args: &str) -> Run {
+        let cli = Cli::try_parse_from(std::iter::once("sim").chain(args.split_whitespace()))
+            .expect("valid flags");
+        run(&cli.sim).expect("the simulation runs")
+    }
+
+    #[test]
+    fn a_swarm_takes_the_image_from_the_registry_once() {
+        let run = sim("--nodes 20 --image-size 16MiB --bandwidth 100mbit");
+        assert_eq!(run.shoal.failures, 0);
+        assert_eq!(run.shoal.node_completion_s.len(), 20);
+        assert!(run.shoal.registry_egress_ratio <= 1.05, "{}", run.table());
+        assert!(
+            run.shoal.peer_bytes > run.shoal.seed_bytes,
+            "nodes trade pieces rather than all taking them from the seed: {}",
+            run.table()
+        );
+        // Every node got every byte from somewhere.
+        let got = run.shoal.peer_bytes + run.shoal.seed_bytes + run.shoal.fallback_bytes;
+        assert_eq!(got, 20 * (16 << 20));
+        let direct = &run.baselines["direct"];
+        assert!(
+            direct.completion_s.p50 > run.shoal.completion_s.p50,
+            "{}",
+            run.table()
+        );
+        assert!((direct.registry_egress_ratio - 20.0).abs() < 0.01);
+    }
+
+    #[test]
+    fn nodes_that_leave_or_join_late_and_a_dying_supernode_fail_no_pull() {
+        let run = sim(
+            "--nodes 20 --image-size 8MiB --layers 2 --bandwidth 100mbit --supernodes 2 \
+             --late 0.3 --join-window 1 --leave 0.2 --supernode-dies-at 0.3 --baseline=",
+        );
+        assert_eq!(run.shoal.failures, 0, "{}", run.table());
+        assert!(run.shoal.node_completion_s.len() >= 10, "{}", run.table());
+        assert!(run.baselines.is_empty());
+    }
+
+    #[test]
+    fn bad_flags_are_refused_with_a_reason() {
+        let cli = Cli::try_parse_from(["sim", "--nodes", "0"]).unwrap();
+        assert!(run(&cli.sim).unwrap_err().to_string().contains("--nodes"));
+        let cli = Cli::try_parse_from(["sim", "--baseline", "bittorrent"]).unwrap();
+        assert!(
+            run(&cli.sim)
+                .unwrap_err()
+                .to_string()
+                .contains("bittorrent")
+        );
+        assert!(Cli::try_parse_from(["sim", "--bandwidth", "fast"]).is_err());
+    }
+}
