@@ -10,16 +10,22 @@
 //! - [`testbed`]: real registry, containerd and shoald processes for tests and benches.
 //! - [`bench`]: `shoal bench mirror`, shoald's speed against a direct registry GET.
 //! - [`bench_swarm`]: `shoal bench swarm`, piece transfer against raw QUIC, swarm latency.
+//! - [`bench_scale`]: `shoal bench scale-out`, a real swarm of processes pulling one image.
+//! - [`node`]: the `shoal` binary as a shoald or supernode process of a bench swarm.
+//! - [`tap`]: a counting TCP forwarder that measures registry egress.
 //! - [`sim`]: `shoal sim`, thousands of simulated nodes on the real scheduler and planner.
 //! - [`report`]: the results of scale-out runs: table, JSON, HTML with SVG plots.
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bench_scale;
 pub mod bench_swarm;
 pub mod demo;
 pub mod image;
+pub mod node;
 pub mod origin;
 pub mod registry;
 pub mod report;
 pub mod sim;
+pub mod tap;
 pub mod testbed;

@@ -21,6 +21,12 @@ enum Command {
     /// Simulate thousands of nodes pulling one image: a flow-level network model driving
     /// the real supernode scheduler and daemon planner on a virtual clock
     Sim(shoal::sim::SimArgs),
+    /// A shoald in this process (one node of a bench swarm)
+    #[command(name = "__shoald", hide = true)]
+    NodeShoald(shoal_daemon::config::ServeArgs),
+    /// A supernode in this process (part of a bench swarm)
+    #[command(name = "__supernode", hide = true)]
+    NodeSupernode(shoal::node::SupernodeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -31,6 +37,9 @@ enum Bench {
     /// Piece transfer between two nodes vs raw QUIC; small-blob latency through the swarm
     /// (needs docker-registry)
     Swarm(shoal::bench_swarm::SwarmBenchArgs),
+    /// A real swarm on this machine (every node, supernode and the registry its own
+    /// process) pulls one image at the same moment, against every node pulling directly
+    ScaleOut(shoal::bench_scale::ScaleOutArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -56,6 +65,12 @@ async fn run() -> anyhow::Result<()> {
         Command::Demo(args) => shoal::demo::run(&args).await,
         Command::Bench(Bench::Mirror(args)) => shoal::bench::mirror(&args).await,
         Command::Bench(Bench::Swarm(args)) => shoal::bench_swarm::swarm(&args).await,
+        Command::Bench(Bench::ScaleOut(args)) => {
+            let run = shoal::bench_scale::scale_out(&args).await?;
+            shoal::report::finish(&run, args.json.as_deref(), args.report.as_deref())
+        }
+        Command::NodeShoald(args) => shoal::node::shoald(args).await,
+        Command::NodeSupernode(args) => shoal::node::supernode(args).await,
         Command::Sim(args) => {
             let run = tokio::task::block_in_place(|| shoal::sim::run(&args))?;
             shoal::report::finish(&run, args.json.as_deref(), args.report.as_deref())

@@ -183,3 +183,73 @@ pub async fn fetch_verified(
     );
     Ok(bytes)
 }
+
+/// Pulls `repo:tag` from `base` (a mirror, with `ns`, or the registry itself) as containerd
+/// does, with every blob of the image fetched at once and hashed as it streams (nothing is
+/// kept). Adds each body byte to `progress` as it arrives; returns the bytes pulled.
+pub async fn pull_streaming(
+    client: &reqwest::Client,
+    base: &str,
+    ns: Option<&str>,
+    repo: &str,
+    tag: &str,
+    progress: &std::sync::atomic::AtomicU64,
+) -> anyhow::Result<u64> {
+    use futures_util::StreamExt as _;
+    use sha2::{Digest as _, Sha256};
+    let url = |what: &str| match ns {
+        Some(ns) => format!("{base}/v2/{repo}/{what}?ns={ns}"),
+        None => format!("{base}/v2/{repo}/{what}"),
+    };
+    let head = client
+        .head(url(&format!("manifests/{tag}")))
+        .header("accept", MANIFEST_TYPE)
+        .send()
+        .await?;
+    ensure!(
+        head.status() == 200,
+        "HEAD manifest {repo}:{tag}: {}",
+        head.status()
+    );
+    let digest: BlobDigest = head
+        .headers()
+        .get("docker-content-digest")
+        .context("manifest HEAD has no Docker-Content-Digest")?
+        .to_str()?
+        .parse()?;
+    let manifest = fetch_verified(client, &url(&format!("manifests/{digest}")), &digest).await?;
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest)?;
+    let mut wanted = vec![&manifest["config"]];
+    wanted.extend(
+        manifest["layers"]
+            .as_array()
+            .context("manifest has no layers")?,
+    );
+    let blobs = wanted.into_iter().map(|descriptor| async {
+        let digest: BlobDigest = descriptor["digest"]
+            .as_str()
+            .context("descriptor without digest")?
+            .parse()?;
+        let url = url(&format!("blobs/{digest}"));
+        let resp = client
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        ensure!(resp.status() == 200, "GET {url}: {}", resp.status());
+        let mut body = resp.bytes_stream();
+        let mut hash = Sha256::new();
+        let mut len = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.with_context(|| format!("body of {url}"))?;
+            hash.update(&chunk);
+            len += chunk.len() as u64;
+            progress.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        let got = BlobDigest::from_bytes(hash.finalize().into());
+        ensure!(got == digest, "GET {url}: bytes do not match {digest}");
+        anyhow::Ok(len)
+    });
+    let lens = futures_util::future::try_join_all(blobs).await?;
+    Ok(lens.into_iter().sum())
+}

@@ -1,0 +1,405 @@
+//! `shoal bench scale-out`: a real swarm on this machine, every part its own process, and
+//! all nodes pulling one image at the same moment, against the same pull done without
+//! shoal (`direct`) in the same run.
+//!
+//! The origin is `--registry URL`, else `docker-registry` when installed, else an
+//! embedded origin (so that the command works with nothing but the repo). A counting
+//! TCP tap in front of it measures registry egress live. Nodes are `shoal` processes
+//! running a shoald and supernodes are `shoal` processes running a supernode (hidden
+//! subcommands built from the same libraries as `shoald` and `shoal-supernode`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+
+use crate::image::{Image, LayerSpec};
+use crate::report::{Outcome, Run, parse_bytes};
+use crate::tap::Tap;
+use crate::testbed::{Proc, free_port};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ScaleOutArgs {
+    /// Nodes (shoald processes) pulling the image at the same moment
+    #[arg(long, default_value_t = 10)]
+    pub nodes: usize,
+    /// Image size, all layers together: 64MiB, 256MiB, 1GiB…
+    #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
+    pub image_size: u64,
+    /// Layers the image is cut into (equal sizes, random bytes)
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    /// Supernodes; blobs are spread over them by rendezvous hashing
+    #[arg(long, default_value_t = 1)]
+    pub supernodes: usize,
+    /// Push the image to this registry (http://HOST:PORT) instead of starting one
+    #[arg(long)]
+    pub registry: Option<String>,
+    /// Baselines run in the same session: `direct` (every node pulls from the registry)
+    #[arg(long, value_delimiter = ',', default_value = "direct")]
+    pub baseline: Vec<String>,
+    /// Each node, supernode and the registry in its own network namespace with capped
+    /// bandwidth (root only)
+    #[arg(long)]
+    pub netns: bool,
+    /// Write the results as JSON to this file
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write an HTML report with SVG plots into this directory
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+const REPO: &str = "bench/scale-out";
+const TAG: &str = "v1";
+
+impl ScaleOutArgs {
+    fn check(&self) -> anyhow::Result<()> {
+        ensure!(self.nodes > 0, "--nodes must be at least 1");
+        ensure!(self.supernodes > 0, "--supernodes must be at least 1");
+        ensure!(
+            self.layers > 0 && self.image_size >= self.layers as u64,
+            "--layers must be at least 1 and at most the image size in bytes"
+        );
+        if self.netns {
+            bail!(
+                "--netns is not built yet: the loopback mode (no caps) and `shoal sim` \
+                 (bandwidth-capped model) are what exists"
+            );
+        }
+        for b in self.baseline.iter().filter(|b| !b.is_empty()) {
+            ensure!(
+                b == "direct",
+                "baseline {b:?} is not built yet (bittorrent needs --netns); use --baseline direct"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Where the image is served from.
+enum Origin {
+    Embedded { _server: crate::origin::Origin },
+    Docker(crate::testbed::Registry),
+    External,
+}
+
+pub async fn scale_out(args: &ScaleOutArgs) -> anyhow::Result<Run> {
+    args.check()?;
+    let started = Instant::now();
+    let dir = tempfile::tempdir().context("creating a work directory")?;
+    let per_layer = (args.image_size / args.layers as u64) as usize;
+    let specs: Vec<LayerSpec> = (0..args.layers)
+        .map(|_| LayerSpec::Random { size: per_layer })
+        .collect();
+    let image = Image::build(&specs, u64::from(std::process::id()));
+    let image_bytes = image.blob_bytes();
+    let client = reqwest::Client::new();
+
+    let (origin, upstream) = start_origin(args, &image, dir.path()).await?;
+    let tap = Tap::start(upstream).await?;
+    let ns = tap.addr.to_string();
+    eprintln!(
+        "origin: {} ({} bytes in {} blobs), seen through a counting tap at {ns}",
+        match &origin {
+            Origin::Embedded { .. } => "embedded registry".to_owned(),
+            Origin::Docker(r) => format!("docker-registry at {}", r.addr),
+            Origin::External => args.registry.clone().unwrap_or_default(),
+        },
+        image_bytes,
+        image.layers.len() + 1
+    );
+
+    let swarm = Swarm::start(args, dir.path(), &ns, &client).await?;
+    eprintln!(
+        "swarm: {} supernode(s), {} nodes; pulling {REPO}:{TAG} on all nodes at once",
+        args.supernodes, args.nodes
+    );
+    let mirrors: Vec<Option<String>> = swarm.nodes.iter().map(|n| Some(n.url())).collect();
+    let mut shoal = pull_all(&client, &tap, &ns, &mirrors, image_bytes, "shoal").await;
+    for node in &swarm.nodes {
+        let metrics = node.metrics(&client).await.unwrap_or_default();
+        shoal.peer_bytes += crate::demo::fetched_from(&metrics, "Peer");
+        shoal.seed_bytes += crate::demo::fetched_from(&metrics, "Seed");
+        shoal.fallback_bytes += crate::demo::fetched_from(&metrics, "Registry");
+    }
+    drop(swarm);
+
+    let mut baselines = BTreeMap::new();
+    if args.baseline.iter().any(|b| b == "direct") {
+        let direct: Vec<Option<String>> = vec![None; args.nodes];
+        let outcome = pull_all(&client, &tap, &ns, &direct, image_bytes, "direct").await;
+        baselines.insert("direct".to_owned(), outcome.finish(image_bytes, 0.0));
+    }
+    drop(origin);
+    Ok(Run {
+        mode: "loopback",
+        nodes: args.nodes,
+        image_bytes,
+        layers: args.layers,
+        bandwidth_bytes_per_s: 0,
+        lower_bound_s: 0.0,
+        wall_s: started.elapsed().as_secs_f64(),
+        shoal: shoal.finish(image_bytes, 0.0),
+        baselines,
+    })
+}
+
+async fn start_origin(
+    args: &ScaleOutArgs,
+    image: &Image,
+    dir: &Path,
+) -> anyhow::Result<(Origin, std::net::SocketAddr)> {
+    if let Some(url) = &args.registry {
+        let host = url
+            .strip_prefix("http://")
+            .context("--registry must be http://HOST:PORT")?
+            .trim_end_matches('/');
+        crate::registry::push(url.trim_end_matches('/'), REPO, TAG, image, None)
+            .await
+            .with_context(|| format!("pushing the test image to {url}"))?;
+        let addr = tokio::net::lookup_host(host)
+            .await?
+            .next()
+            .with_context(|| format!("{host} does not resolve"))?;
+        return Ok((Origin::External, addr));
+    }
+    if which("docker-registry") {
+        let registry = tokio::task::block_in_place(|| crate::testbed::Registry::start(dir, &[]));
+        crate::registry::push(&registry.url(), REPO, TAG, image, None).await?;
+        let addr = registry.addr.parse()?;
+        return Ok((Origin::Docker(registry), addr));
+    }
+    let origin = crate::origin::Origin::start(image, REPO, TAG).await?;
+    let addr = origin.addr;
+    Ok((Origin::Embedded { _server: origin }, addr))
+}
+
+fn which(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(tool).is_file()))
+}
+
+/// Supernodes and nodes, each a child process; killed when dropped.
+struct Swarm {
+    _supernodes: Vec<Proc>,
+    nodes: Vec<Node>,
+}
+
+struct Node {
+    addr: String,
+    _proc: Proc,
+}
+
+impl Node {
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    async fn metrics(&self, client: &reqwest::Client) -> anyhow::Result<String> {
+        Ok(client
+            .get(format!("{}/metrics", self.url()))
+            .send()
+            .await?
+            .text()
+            .await?)
+    }
+}
+
+fn spawn_self(args: &[String], log: &Path) -> anyhow::Result<Proc> {
+    let out = std::fs::File::create(log)?;
+    let child = Command::new(std::env::current_exe()?)
+        .args(args)
+        .env("SHOAL_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .context("starting a swarm process")?;
+    Ok(Proc(child))
+}
+
+async fn wait_healthy(client: &reqwest::Client, url: &str, log: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(r) = client.get(url).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let tail = std::fs::read_to_string(log).unwrap_or_default();
+    bail!("{url} did not answer within 20 s; its log says:\n{tail}")
+}
+
+impl Swarm {
+    async fn start(
+        args: &ScaleOutArgs,
+        dir: &Path,
+        ns: &str,
+        client: &reqwest::Client,
+    ) -> anyhow::Result<Swarm> {
+        let mut supernodes = Vec::new();
+        let mut quic = Vec::new();
+        let mut token = String::new();
+        for k in 0..args.supernodes {
+            let (listen, api) = (
+                format!("127.0.0.1:{}", free_port()),
+                format!("127.0.0.1:{}", free_port()),
+            );
+            let data = dir.join(format!("supernode-{k}"));
+            let log = dir.join(format!("supernode-{k}.log"));
+            if k > 0 {
+                // One cluster: every supernode uses the first one's CA and join token.
+                let first = dir.join("supernode-0");
+                std::fs::create_dir_all(data.join("ca"))?;
+                for file in ["ca/ca.pem", "ca/ca.key", "join-token"] {
+                    std::fs::copy(first.join(file), data.join(file))
+                        .with_context(|| format!("sharing the cluster CA ({file})"))?;
+                }
+            }
+            let argv: Vec<String> = [
+                "__supernode",
+                "--listen",
+                &listen,
+                "--api-listen",
+                &api,
+                "--insecure-registry",
+                ns,
+                "--data-dir",
+                data.to_str().context("work directory is not UTF-8")?,
+            ]
+            .map(str::to_owned)
+            .to_vec();
+            supernodes.push(spawn_self(&argv, &log)?);
+            wait_healthy(client, &format!("http://{api}/healthz"), &log).await?;
+            if k == 0 {
+                token = std::fs::read_to_string(data.join("join-token"))?
+                    .trim()
+                    .to_owned();
+            }
+            quic.push(listen);
+        }
+        let mut nodes = Vec::new();
+        for i in 0..args.nodes {
+            let addr = format!("127.0.0.1:{}", free_port());
+            let peer = format!("127.0.0.1:{}", free_port());
+            let data = dir.join(format!("node-{i}"));
+            let log = dir.join(format!("node-{i}.log"));
+            let mut argv: Vec<String> = [
+                "__shoald",
+                "--listen",
+                &addr,
+                "--peer-listen",
+                &peer,
+                "--insecure-registry",
+                ns,
+                "--join-token",
+                &token,
+                "--data-dir",
+                data.to_str().context("work directory is not UTF-8")?,
+            ]
+            .map(str::to_owned)
+            .to_vec();
+            for q in &quic {
+                argv.extend(["--supernode".to_owned(), q.clone()]);
+            }
+            let proc = spawn_self(&argv, &log)?;
+            wait_healthy(client, &format!("http://{addr}/healthz"), &log).await?;
+            nodes.push(Node { addr, _proc: proc });
+        }
+        Ok(Swarm {
+            _supernodes: supernodes,
+            nodes,
+        })
+    }
+}
+
+/// Every node pulls the image at the same moment, through its mirror (`Some(url)`) or
+/// straight from the registry (`None`); a progress line is printed every second.
+async fn pull_all(
+    client: &reqwest::Client,
+    tap: &Tap,
+    ns: &str,
+    mirrors: &[Option<String>],
+    image_bytes: u64,
+    what: &str,
+) -> Outcome {
+    let egress_at_start = tap.upstream_bytes();
+    let received = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let pulls: Vec<_> = mirrors
+        .iter()
+        .map(|mirror| {
+            let (client, received, done) = (client.clone(), received.clone(), done.clone());
+            let registry = format!("http://{ns}");
+            let mirror = mirror.clone();
+            let ns = ns.to_owned();
+            tokio::spawn(async move {
+                let result = match &mirror {
+                    Some(m) => {
+                        crate::registry::pull_streaming(&client, m, Some(&ns), REPO, TAG, &received)
+                            .await
+                    }
+                    None => {
+                        crate::registry::pull_streaming(
+                            &client, &registry, None, REPO, TAG, &received,
+                        )
+                        .await
+                    }
+                };
+                done.fetch_add(1, Ordering::Relaxed);
+                result.map(|_| started.elapsed().as_secs_f64())
+            })
+        })
+        .collect();
+    let mut series = vec![(0.0, 0)];
+    let mut all = futures_util::future::join_all(pulls);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut last_print = Instant::now();
+    let results = loop {
+        tokio::select! {
+            results = &mut all => break results,
+            _ = tick.tick() => {
+                let t = started.elapsed().as_secs_f64();
+                let egress = tap.upstream_bytes() - egress_at_start;
+                series.push((t, egress));
+                if last_print.elapsed() >= Duration::from_secs(1) {
+                    last_print = Instant::now();
+                    eprintln!(
+                        "[{what} {t:5.1} s] {}/{} nodes done, received {} ({:.0} MB/s), registry sent {} ({:.2}x the image)",
+                        done.load(Ordering::Relaxed),
+                        mirrors.len(),
+                        crate::report::human_bytes(received.load(Ordering::Relaxed)),
+                        received.load(Ordering::Relaxed) as f64 / t / 1e6,
+                        crate::report::human_bytes(egress),
+                        egress as f64 / image_bytes as f64
+                    );
+                }
+            }
+        }
+    };
+    let egress = tap.upstream_bytes() - egress_at_start;
+    series.push((started.elapsed().as_secs_f64(), egress));
+    let mut outcome = Outcome {
+        registry_egress_bytes: egress,
+        registry_egress_over_time: series,
+        ..Default::default()
+    };
+    for r in results {
+        match r.map_err(anyhow::Error::from).and_then(|r| r) {
+            Ok(t) => outcome.node_completion_s.push(t),
+            Err(e) => {
+                eprintln!("[{what}] a pull failed: {e:#}");
+                outcome.failures += 1;
+            }
+        }
+    }
+    outcome
+}

@@ -1,0 +1,61 @@
+//! The `shoal` binary as one part of a benchmark swarm (hidden subcommands): a shoald or a
+//! supernode in its own process, built from the same libraries as `shoald` and
+//! `shoal-supernode`, so that `shoal bench scale-out` needs nothing but this binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use shoal_daemon::config::{Config, ServeArgs};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SupernodeArgs {
+    #[arg(long)]
+    pub listen: SocketAddr,
+    #[arg(long)]
+    pub api_listen: SocketAddr,
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Registries reached over plain HTTP (HOST:PORT)
+    #[arg(long = "insecure-registry")]
+    pub insecure_registries: Vec<String>,
+}
+
+async fn stopped() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+pub async fn shoald(args: ServeArgs) -> anyhow::Result<()> {
+    let config = Config::resolve(args, None)?;
+    shoal_daemon::Daemon::bind(&config)
+        .await?
+        .run(stopped())
+        .await;
+    Ok(())
+}
+
+pub async fn supernode(args: SupernodeArgs) -> anyhow::Result<()> {
+    let insecure = args
+        .insecure_registries
+        .iter()
+        .map(|r| r.parse())
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("--insecure-registry: {e}"))?;
+    let supernode = shoal_supernode::Supernode::start(shoal_supernode::SupernodeConfig {
+        listen: args.listen,
+        api_listen: args.api_listen,
+        data_dir: args.data_dir,
+        upstream: shoal_registry_proxy::UpstreamConfig {
+            insecure,
+            ..Default::default()
+        },
+    })
+    .await?;
+    stopped().await;
+    drop(supernode);
+    Ok(())
+}
