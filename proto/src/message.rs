@@ -131,6 +131,18 @@ impl PieceSet {
         self.bits.iter().all(|b| *b == 0)
     }
 
+    /// How many of this set's pieces `other` lacks (sets of different blobs: all of them).
+    pub fn count_not_in(&self, other: &PieceSet) -> u32 {
+        if other.count != self.count || other.bits.len() != self.bits.len() {
+            return self.len();
+        }
+        self.bits
+            .iter()
+            .zip(&other.bits)
+            .map(|(a, b)| (a & !b).count_ones())
+            .sum()
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = PieceIndex> + '_ {
         (0..self.count)
             .map(PieceIndex)

@@ -137,11 +137,31 @@ impl PieceHash {
     }
 
     /// Whether the piece made of these chunks, in order, is the one this hash names.
+    ///
+    /// BLAKE3 hashes several 1 KiB chunks at once (SIMD) only when an update holds them:
+    /// fed packet-sized pieces (about 1.2 KB) it ran at 0.9 GB/s instead of 6 (criterion,
+    /// `benches/core.rs`). Small chunks are therefore gathered into 64 KiB first.
     pub fn matches_chunks<B: AsRef<[u8]>>(&self, chunks: &[B]) -> bool {
+        const GATHER: usize = 64 << 10;
         let mut hasher = blake3::Hasher::new();
-        chunks.iter().for_each(|c| {
-            hasher.update(c.as_ref());
-        });
+        let mut gathered: Vec<u8> = Vec::new();
+        for c in chunks.iter().map(AsRef::as_ref) {
+            if c.len() >= GATHER {
+                hasher.update(&gathered);
+                gathered.clear();
+                hasher.update(c);
+                continue;
+            }
+            if gathered.len() + c.len() > GATHER {
+                hasher.update(&gathered);
+                gathered.clear();
+            }
+            if gathered.capacity() == 0 {
+                gathered.reserve_exact(GATHER);
+            }
+            gathered.extend_from_slice(c);
+        }
+        hasher.update(&gathered);
         // blake3::Hash compares in constant time; not needed here, but free.
         blake3::Hash::from_bytes(self.0) == hasher.finalize()
     }

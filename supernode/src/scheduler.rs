@@ -8,6 +8,9 @@
 //! - never hand out the asker itself, a peer that left, one not heard from within the peer
 //!   timeout, or one reported for bad data;
 //! - only peers that hold pieces the asker lacks;
+//! - look at a bounded sample of holders per decision ([`SchedulerConfig::sample`],
+//!   rotating through all of them across decisions) plus every seed, so that a decision
+//!   costs the same with 100 or 100,000 peers in a task;
 //! - spread upload load: a peer already handed out `max_uploads_per_parent` times within the
 //!   load window is skipped while others remain;
 //! - prefer the asker's zone, then the least loaded, then the one with most useful pieces;
@@ -18,6 +21,8 @@
 //!   (`shoal sim` showed it: 100 nodes, no byte from peers).
 
 use std::collections::{HashMap, HashSet, VecDeque};
+
+use indexmap::IndexMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -34,6 +39,8 @@ pub struct SchedulerConfig {
     pub load_window: Duration,
     /// A peer not heard from for this long is gone.
     pub peer_timeout: Duration,
+    /// Holders considered per decision.
+    pub sample: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -43,6 +50,7 @@ impl Default for SchedulerConfig {
             max_uploads_per_parent: 8,
             load_window: Duration::from_secs(2),
             peer_timeout: Duration::from_secs(30),
+            sample: 128,
         }
     }
 }
@@ -57,11 +65,16 @@ struct Peer {
 
 /// Askers a seed offers one piece to within a load window.
 pub const SEED_SPREAD: u8 = 2;
+/// Pieces a seed offers one asker at a time: what it can fetch at once, so that the
+/// offer does not use up the spread of pieces the asker will not take now.
+pub const SEED_OFFER: usize = 8;
 
 #[derive(Debug)]
 struct Task {
     layout: PieceLayout,
-    holders: HashMap<NodeId, PieceSet>,
+    holders: IndexMap<NodeId, PieceSet>,
+    /// Where the next decision's sample of holders starts.
+    cursor: usize,
     /// Per piece: holders other than seeds.
     available: Vec<u32>,
     /// Per piece: how often a seed offered it, and when last.
@@ -73,14 +86,15 @@ impl Task {
         let count = layout.count() as usize;
         Task {
             layout,
-            holders: HashMap::new(),
+            holders: IndexMap::new(),
+            cursor: 0,
             available: vec![0; count],
             seed_offers: vec![(0, None); count],
         }
     }
 
     fn remove_holder(&mut self, node: &NodeId, is_seed: bool) {
-        if let Some(set) = self.holders.remove(node)
+        if let Some(set) = self.holders.swap_remove(node)
             && !is_seed
         {
             for p in set.iter() {
@@ -310,21 +324,44 @@ impl Scheduler {
                 && (n < SEED_SPREAD || last.is_none_or(|t| now.duration_since(t) > window))
         };
 
+        // Holders from a rotating start until `sample` useful ones are found (so a decision
+        // costs about the same with 100 or 100,000 peers), and the seeds wherever they are.
+        let n = task.holders.len();
+        let start = task.cursor % n.max(1);
+        let seeds: Vec<usize> = self
+            .seeds
+            .iter()
+            .filter_map(|s| task.holders.get_index_of(s))
+            .collect();
+        let order = seeds.iter().copied().chain(
+            (start..start + n)
+                .map(|i| i % n)
+                .filter(|i| !seeds.contains(i)),
+        );
         let mut candidates: Vec<(bool, bool, usize, u32, NodeId)> = Vec::new();
-        for (node, pieces) in &task.holders {
+        let mut scanned = 0;
+        for i in order {
+            if candidates.len() >= self.config.sample {
+                break;
+            }
+            scanned += 1;
+            let Some((node, pieces)) = task.holders.get_index(i) else {
+                continue;
+            };
             let Some(peer) = self.peers.get_mut(node) else {
                 continue;
             };
             if *node == asker || now.duration_since(peer.last_seen) > timeout {
                 continue;
             }
-            let is_seed = self.seeds.contains(node);
-            let useful = pieces
-                .iter()
-                .filter(|p| {
-                    !mine.contains(*p) && (!is_seed || seed_may_offer(*p, &task.seed_offers))
-                })
-                .count() as u32;
+            let useful = if self.seeds.contains(node) {
+                pieces
+                    .iter()
+                    .filter(|p| !mine.contains(*p) && seed_may_offer(*p, &task.seed_offers))
+                    .count() as u32
+            } else {
+                pieces.count_not_in(mine)
+            };
             if useful == 0 {
                 continue;
             }
@@ -345,6 +382,7 @@ impl Scheduler {
                 *node,
             ));
         }
+        task.cursor = (start + scanned) % n.max(1);
         candidates.sort();
         let chosen: Vec<NodeId> = candidates
             .iter()
@@ -357,15 +395,18 @@ impl Scheduler {
             peer.handouts.push_back(now);
             let held = &task.holders[&node];
             let pieces = if self.seeds.contains(&node) {
-                // Only the pieces nobody else has, and the offer is counted.
-                let mut offered = PieceSet::empty(count);
+                // Only pieces nobody else has, the least offered first, a few at a time;
+                // each offer is counted.
                 let mine = task.holders.get(&asker).unwrap_or(&empty);
-                for p in held.iter() {
-                    if !mine.contains(p) && seed_may_offer(p, &task.seed_offers) {
-                        offered.insert(p);
-                    }
-                }
-                for p in offered.iter() {
+                let mut eligible: Vec<(u8, PieceIndex)> = held
+                    .iter()
+                    .filter(|p| !mine.contains(*p) && seed_may_offer(*p, &task.seed_offers))
+                    .map(|p| (task.seed_offers[p.0 as usize].0, p))
+                    .collect();
+                eligible.sort_unstable();
+                let mut offered = PieceSet::empty(count);
+                for (_, p) in eligible.into_iter().take(SEED_OFFER) {
+                    offered.insert(p);
                     let o = &mut task.seed_offers[p.0 as usize];
                     let expired = o.1.is_some_and(|t| now.duration_since(t) > window);
                     *o = (if expired { 1 } else { o.0.saturating_add(1) }, Some(now));

@@ -1,0 +1,80 @@
+//! `shoal bench scale-out` as a benchmarker runs it: the `shoal` binary, a real swarm of
+//! processes, the real `docker-registry` (or, with nothing installed, the embedded origin).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+fn scale_out(dir: &Path, path_env: Option<&str>) -> serde_json::Value {
+    let json = dir.join("run.json");
+    let report = dir.join("report");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shoal"));
+    cmd.args([
+        "bench",
+        "scale-out",
+        "--nodes",
+        "3",
+        "--image-size",
+        "16MiB",
+        "--layers",
+        "2",
+        "--json",
+    ])
+    .arg(&json)
+    .arg("--report")
+    .arg(&report);
+    if let Some(path) = path_env {
+        cmd.env("PATH", path);
+    }
+    let mut child = cmd.spawn().expect("shoal runs");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("shoal bench scale-out did not finish within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "shoal bench scale-out failed: {status}");
+    let html = std::fs::read_to_string(report.join("index.html")).unwrap();
+    assert_eq!(html.matches("<svg").count(), 2, "the report has both plots");
+    serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap()
+}
+
+fn check(run: &serde_json::Value) {
+    assert_eq!(run["mode"], "loopback");
+    assert_eq!(run["nodes"], 3);
+    assert_eq!(run["failures"], 0, "{run:#}");
+    assert_eq!(run["node_completion_s"].as_array().unwrap().len(), 3);
+    let ratio = run["registry_egress_ratio"].as_f64().unwrap();
+    assert!(
+        (0.99..=1.05).contains(&ratio),
+        "the swarm took the image from the registry about once, not {ratio}x"
+    );
+    let from_swarm = run["peer_bytes"].as_u64().unwrap() + run["seed_bytes"].as_u64().unwrap();
+    assert!(from_swarm > 0, "{run:#}");
+    let direct = &run["baselines"]["direct"];
+    assert_eq!(direct["failures"], 0);
+    let direct_ratio = direct["registry_egress_ratio"].as_f64().unwrap();
+    assert!(
+        (2.99..=3.1).contains(&direct_ratio),
+        "without shoal each node pulls from the registry: {direct_ratio}x"
+    );
+}
+
+#[test]
+fn a_swarm_of_processes_takes_the_image_from_docker_registry_once() {
+    // The run uses docker-registry when installed: make sure it is.
+    shoal::testbed::tool("docker-registry");
+    let dir = tempfile::tempdir().unwrap();
+    check(&scale_out(dir.path(), None));
+}
+
+#[test]
+fn with_nothing_installed_the_embedded_origin_serves_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    check(&scale_out(dir.path(), Some("/nonexistent")));
+}
