@@ -27,6 +27,8 @@ use crate::swarm::Swarm;
 const REFRESH: Duration = Duration::from_millis(200);
 /// Deadline for one piece from a peer.
 const PIECE_DEADLINE: Duration = Duration::from_secs(10);
+/// The error of a piece request a peer answered with "busy".
+const BUSY: &str = "peer is busy";
 /// Registry failures of single pieces before the flight gives up.
 const MAX_REGISTRY_FAILURES: u32 = 5;
 
@@ -130,7 +132,8 @@ impl P2pFetch<'_> {
                                     return Ok(Verdict::Interrupted(format!("registry: {e}")));
                                 }
                             }
-                            planner.failed(now, done.piece, Failure::Unavailable);
+                            let failure = if e == BUSY { Failure::Busy } else { Failure::Unavailable };
+                            planner.failed(now, done.piece, failure);
                             continue;
                         }
                     };
@@ -267,7 +270,10 @@ impl P2pFetch<'_> {
                         let conn = swarm.conn(addr).await.map_err(|e| e.to_string())?;
                         fetch_piece(&conn, digest, piece, len)
                             .await
-                            .map_err(|e| e.to_string())
+                            .map_err(|e| match e {
+                                shoal_transport::pieces::PieceError::Busy => BUSY.to_owned(),
+                                e => e.to_string(),
+                            })
                     })
                     .await
                     .unwrap_or_else(|_| Err("peer too slow".into()));

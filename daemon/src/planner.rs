@@ -32,6 +32,10 @@ pub struct PlannerConfig {
     pub piece_timeout: Duration,
     /// How long a failed parent is not asked.
     pub rest: Duration,
+    /// How long a parent that answered "busy" (at its upload limit) is not asked: short,
+    /// since its slots free as pieces finish (`shoal sim`: 5 s here made 100 nodes take
+    /// 11 s instead of 6.6 s for a 256 MiB image at 1 Gbit/s).
+    pub rest_busy: Duration,
     /// No progress for this long: the rest comes from the registry.
     pub stall_after: Duration,
 }
@@ -43,6 +47,7 @@ impl Default for PlannerConfig {
             window: 8,
             piece_timeout: Duration::from_secs(10),
             rest: Duration::from_secs(5),
+            rest_busy: Duration::from_millis(200),
             stall_after: Duration::from_secs(10),
         }
     }
@@ -58,8 +63,10 @@ pub enum Request {
 /// Why a piece request failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
-    /// The parent did not have it, was busy, or the connection failed: try elsewhere.
+    /// The parent did not have it, or the connection failed: try elsewhere.
     Unavailable,
+    /// The parent is at its upload limit: try elsewhere, and it again soon.
+    Busy,
     /// The bytes failed the piece hash: never ask this parent again.
     BadData,
 }
@@ -192,6 +199,7 @@ impl Planner {
             p.in_flight = p.in_flight.saturating_sub(1);
             match failure {
                 Failure::Unavailable => p.rested_until = Some(now + self.config.rest),
+                Failure::Busy => p.rested_until = Some(now + self.config.rest_busy),
                 Failure::BadData => p.banned = true,
             }
         }
@@ -278,6 +286,10 @@ impl Planner {
             .any(|p| !p.banned && p.pieces.contains(piece))
     }
 
+    fn spread(&self, parent: NodeId) -> u64 {
+        (parent.0 ^ u64::from(self.offset)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
     fn usable(&self, now: Instant, p: &ParentState) -> bool {
         !p.banned && p.rested_until.is_none_or(|t| now >= t)
     }
@@ -295,7 +307,9 @@ impl Planner {
                     && p.in_flight < self.config.per_parent
                     && p.pieces.contains(piece)
             })
-            .min_by_key(|(id, p)| (p.in_flight, **id))
+            // Least busy first; ties broken differently on every node, or all nodes would
+            // crowd the same parent (the one with the lowest id).
+            .min_by_key(|(id, p)| (p.in_flight, self.spread(**id)))
             .map(|(id, _)| *id)
     }
 }
@@ -422,6 +436,28 @@ mod tests {
                 .all(|r| matches!(r, Request::Peer { parent, .. } if *parent == other)),
             "{reqs:?}"
         );
+    }
+
+    #[test]
+    fn a_busy_parent_rests_briefly_a_failed_one_longer() {
+        let (mut p, now) = planner(4);
+        p.offer(vec![parent(1, 4, 0..4)]);
+        for r in p.next_requests(now) {
+            if let Request::Peer { piece, .. } = r {
+                p.failed(now, piece, Failure::Busy);
+            }
+        }
+        assert!(p.next_requests(now).is_empty(), "resting");
+        let soon = now + PlannerConfig::default().rest_busy + Duration::from_millis(1);
+        let reqs = p.next_requests(soon);
+        assert!(!reqs.is_empty(), "asked again soon after a busy answer");
+        for r in reqs {
+            if let Request::Peer { piece, .. } = r {
+                p.failed(soon, piece, Failure::Unavailable);
+            }
+        }
+        let later = soon + PlannerConfig::default().rest_busy + Duration::from_millis(1);
+        assert!(p.next_requests(later).is_empty(), "a failure rests it longer");
     }
 
     #[test]

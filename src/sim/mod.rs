@@ -84,7 +84,7 @@ pub struct SimArgs {
     /// Random seed (join and leave times)
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Model time step in milliseconds (default: a 16th of one piece at --bandwidth)
+    /// Model time step in milliseconds (default: a quarter of one piece at --bandwidth)
     #[arg(long)]
     pub step_ms: Option<f64>,
 }
@@ -210,7 +210,7 @@ pub fn run(args: &SimArgs) -> anyhow::Result<Run> {
     let bw = args.bandwidth as f64;
     let lower_bound = args.image_size as f64 / bw;
     let step = args.step_ms.map_or_else(
-        || f64::from(shoal_proto::piece::PIECE_SIZE) / bw / 16.0,
+        || f64::from(shoal_proto::piece::PIECE_SIZE) / bw / 4.0,
         |ms| ms / 1000.0,
     );
     anyhow::ensure!(step > 0.0, "--step-ms must be positive");
@@ -602,7 +602,7 @@ impl Sim {
                 };
                 if src != Src::Registry {
                     if self.uploads[from as usize] >= slots {
-                        planner.failed(now, piece, Failure::Unavailable);
+                        planner.failed(now, piece, Failure::Busy);
                         continue;
                     }
                     self.uploads[from as usize] += 1;

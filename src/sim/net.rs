@@ -2,13 +2,17 @@
 //!
 //! Every host (node, seed, registry) has an upload and a download capacity in bytes per
 //! second. A flow moves a number of bytes from one host to another. Time advances in
-//! steps; during a step each flow runs at `min(upload / flows out of the sender, download
-//! / flows into the receiver)`, the fair share at each end. Capacity a flow cannot use at
-//! its tighter end is not handed to the others (a known simplification: it makes the model
-//! slightly pessimistic when ends are unevenly loaded).
+//! steps; in each step the flows' rates are set by progressive filling toward max-min
+//! fairness: every flow gets the fair share of the tighter of its two ends, then what is
+//! left at hosts whose flows were held back elsewhere is shared again among the flows
+//! that can still grow ([`FILL_ROUNDS`] rounds; the first alone would leave capacity
+//! unused wherever the two ends of a host's flows are unevenly loaded).
 
 /// A host in the model.
 pub type Host = u32;
+
+/// Rounds of progressive filling per step.
+pub const FILL_ROUNDS: usize = 3;
 
 #[derive(Debug)]
 struct Flow<T> {
@@ -33,6 +37,14 @@ pub struct Net<T> {
     out: Vec<u32>,
     inc: Vec<u32>,
     flows: Vec<Flow<T>>,
+    // Scratch space of `rates`, kept between steps.
+    rate: Vec<f64>,
+    grow: Vec<f64>,
+    open: Vec<bool>,
+    rem_up: Vec<f64>,
+    rem_down: Vec<f64>,
+    n_up: Vec<u32>,
+    n_down: Vec<u32>,
 }
 
 impl<T: Copy> Net<T> {
@@ -46,6 +58,13 @@ impl<T: Copy> Net<T> {
             out: vec![0; n],
             inc: vec![0; n],
             flows: Vec::new(),
+            rate: Vec::new(),
+            grow: Vec::new(),
+            open: Vec::new(),
+            rem_up: vec![0.0; n],
+            rem_down: vec![0.0; n],
+            n_up: vec![0; n],
+            n_down: vec![0; n],
         }
     }
 
@@ -94,14 +113,68 @@ impl<T: Copy> Net<T> {
         }
     }
 
+    /// Sets every flow's rate (bytes per second) by progressive filling.
+    fn rates(&mut self) {
+        let n = self.flows.len();
+        self.rate.clear();
+        self.rate.resize(n, 0.0);
+        self.grow.resize(n, 0.0);
+        self.open.clear();
+        self.open.resize(n, true);
+        self.rem_up.copy_from_slice(&self.up);
+        self.rem_down.copy_from_slice(&self.down);
+        for round in 0..FILL_ROUNDS {
+            if round == 0 {
+                self.n_up.copy_from_slice(&self.out);
+                self.n_down.copy_from_slice(&self.inc);
+            } else {
+                self.n_up.iter_mut().for_each(|c| *c = 0);
+                self.n_down.iter_mut().for_each(|c| *c = 0);
+                for (f, open) in self.flows.iter().zip(&self.open) {
+                    if *open {
+                        self.n_up[f.from as usize] += 1;
+                        self.n_down[f.to as usize] += 1;
+                    }
+                }
+            }
+            let mut any = false;
+            for (i, f) in self.flows.iter().enumerate() {
+                if !self.open[i] {
+                    self.grow[i] = 0.0;
+                    continue;
+                }
+                let (from, to) = (f.from as usize, f.to as usize);
+                let g = (self.rem_up[from] / f64::from(self.n_up[from]))
+                    .min(self.rem_down[to] / f64::from(self.n_down[to]));
+                self.grow[i] = g;
+                any |= g > 0.0;
+            }
+            if !any {
+                break;
+            }
+            for (i, f) in self.flows.iter().enumerate() {
+                let g = self.grow[i];
+                if g > 0.0 {
+                    self.rate[i] += g;
+                    self.rem_up[f.from as usize] -= g;
+                    self.rem_down[f.to as usize] -= g;
+                }
+            }
+            // A flow stays open while both of its ends have capacity left.
+            for (i, f) in self.flows.iter().enumerate() {
+                self.open[i] = self.open[i]
+                    && self.rem_up[f.from as usize] > 1e-9 * self.up[f.from as usize]
+                    && self.rem_down[f.to as usize] > 1e-9 * self.down[f.to as usize].min(1e18);
+            }
+        }
+    }
+
     /// Advances `dt` seconds; pushes finished flows to `done` and returns the bytes moved
-    /// out of each host in `watch` (summed).
+    /// out of host `watch`.
     pub fn step(&mut self, dt: f64, watch: Host, done: &mut Vec<Done<T>>) -> f64 {
+        self.rates();
         let mut watched = 0.0;
-        for f in &mut self.flows {
-            let (from, to) = (f.from as usize, f.to as usize);
-            let rate =
-                (self.up[from] / self.out[from] as f64).min(self.down[to] / self.inc[to] as f64);
+        for (f, rate) in self.flows.iter_mut().zip(&self.rate) {
             let moved = (rate * dt).min(f.left);
             f.left -= moved;
             if f.from == watch {
@@ -155,6 +228,32 @@ mod tests {
         let done = run(&mut net, 0.01);
         assert_eq!(done.len(), 4);
         assert!(done.iter().all(|(t, _)| (t - 4.0).abs() < 0.02), "{done:?}");
+    }
+
+    #[test]
+    fn capacity_held_back_at_one_end_goes_to_the_other_flows() {
+        // Host 0 uploads to 1 and 2; host 1 also downloads from 3. Host 1's download
+        // (100) is shared: 50 from 0, 50 from 3. Host 0 has 50 left, which goes to 2.
+        let mut net = Net::new([(100.0, 100.0); 4]);
+        net.start(0, 1, 1000, 1);
+        net.start(0, 2, 1000, 2);
+        net.start(3, 1, 1000, 3);
+        net.rates();
+        assert_eq!(net.rate, vec![50.0, 50.0, 50.0], "first round: fair shares");
+        let mut net = Net::new([
+            (100.0, 100.0),
+            (100.0, 60.0),
+            (100.0, 100.0),
+            (100.0, 100.0),
+        ]);
+        net.start(0, 1, 1000, 1);
+        net.start(0, 2, 1000, 2);
+        net.start(3, 1, 1000, 3);
+        net.rates();
+        // Host 1 takes 30 + 30; host 0's remaining 70 goes to the flow into 2.
+        assert!((net.rate[0] - 30.0).abs() < 1e-6, "{:?}", net.rate);
+        assert!((net.rate[1] - 70.0).abs() < 1e-6, "{:?}", net.rate);
+        assert!((net.rate[2] - 30.0).abs() < 1e-6, "{:?}", net.rate);
     }
 
     #[test]
