@@ -457,7 +457,10 @@ mod tests {
             }
         }
         let later = soon + PlannerConfig::default().rest_busy + Duration::from_millis(1);
-        assert!(p.next_requests(later).is_empty(), "a failure rests it longer");
+        assert!(
+            p.next_requests(later).is_empty(),
+            "a failure rests it longer"
+        );
     }
 
     #[test]
