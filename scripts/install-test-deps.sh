@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what shoal's end-to-end tests need on a fresh Debian machine: the CNCF registry
-# (docker-registry), containerd with ctr, and htpasswd for the private-registry test.
+# (docker-registry), containerd with ctr, htpasswd for the private-registry test, and
+# iproute2 (ip, tc) for the network-namespace benches.
 # Idempotent: does nothing when everything is already there. Needs root (or sudo).
 set -euo pipefail
 
-packages=(docker-registry containerd apache2-utils)
-tools=(docker-registry containerd ctr htpasswd)
+packages=(docker-registry containerd apache2-utils iproute2)
+tools=(docker-registry containerd ctr htpasswd ip tc)
 
 missing=()
 for t in "${tools[@]}"; do

@@ -42,10 +42,14 @@ pub struct ScaleOutArgs {
     /// Baselines run in the same session: `direct` (every node pulls from the registry)
     #[arg(long, value_delimiter = ',', default_value = "direct")]
     pub baseline: Vec<String>,
-    /// Each node, supernode and the registry in its own network namespace with capped
-    /// bandwidth (root only)
+    /// Each node, supernode and the registry in its own network namespace with upload and
+    /// download capped at --bandwidth (root; needs docker-registry; namespaces are removed
+    /// at the end, also on failure or Ctrl-C)
     #[arg(long)]
     pub netns: bool,
+    /// Per-host cap in --netns mode: 100mbit, 1gbit, 12MB/s…
+    #[arg(long, default_value = "100mbit", value_parser = crate::report::parse_rate)]
+    pub bandwidth: u64,
     /// Write the results as JSON to this file
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -54,8 +58,8 @@ pub struct ScaleOutArgs {
     pub report: Option<PathBuf>,
 }
 
-const REPO: &str = "bench/scale-out";
-const TAG: &str = "v1";
+pub(crate) const REPO: &str = "bench/scale-out";
+pub(crate) const TAG: &str = "v1";
 
 impl ScaleOutArgs {
     fn check(&self) -> anyhow::Result<()> {
@@ -65,12 +69,6 @@ impl ScaleOutArgs {
             self.layers > 0 && self.image_size >= self.layers as u64,
             "--layers must be at least 1 and at most the image size in bytes"
         );
-        if self.netns {
-            bail!(
-                "--netns is not built yet: the loopback mode (no caps) and `shoal sim` \
-                 (bandwidth-capped model) are what exists"
-            );
-        }
         for b in self.baseline.iter().filter(|b| !b.is_empty()) {
             ensure!(
                 b == "direct",
@@ -97,6 +95,13 @@ pub async fn scale_out(args: &ScaleOutArgs) -> anyhow::Result<Run> {
         .map(|_| LayerSpec::Random { size: per_layer })
         .collect();
     let image = Image::build(&specs, u64::from(std::process::id()));
+    if args.netns {
+        // On Ctrl-C the run is dropped, and with it the namespaces and processes.
+        return tokio::select! {
+            run = crate::bench_netns::scale_out(args, &image) => run,
+            _ = tokio::signal::ctrl_c() => bail!("interrupted; namespaces removed"),
+        };
+    }
     let image_bytes = image.blob_bytes();
     let client = reqwest::Client::new();
 

@@ -11,6 +11,8 @@
 //! - [`bench`]: `shoal bench mirror`, shoald's speed against a direct registry GET.
 //! - [`bench_swarm`]: `shoal bench swarm`, piece transfer against raw QUIC, swarm latency.
 //! - [`bench_scale`]: `shoal bench scale-out`, a real swarm of processes pulling one image.
+//! - [`bench_netns`]: its `--netns` mode: every host in a namespace with capped bandwidth.
+//! - [`netns`]: the namespaces, veths, bridge and tbf caps of `--netns`.
 //! - [`node`]: the `shoal` binary as a shoald or supernode process of a bench swarm.
 //! - [`tap`]: a counting TCP forwarder that measures registry egress.
 //! - [`sim`]: `shoal sim`, thousands of simulated nodes on the real scheduler and planner.
@@ -18,10 +20,12 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bench_netns;
 pub mod bench_scale;
 pub mod bench_swarm;
 pub mod demo;
 pub mod image;
+pub mod netns;
 pub mod node;
 pub mod origin;
 pub mod registry;

@@ -24,6 +24,9 @@ enum Command {
     /// A shoald in this process (one node of a bench swarm)
     #[command(name = "__shoald", hide = true)]
     NodeShoald(shoal_daemon::config::ServeArgs),
+    /// One node's pull in a bench swarm
+    #[command(name = "__pull", hide = true)]
+    NodePull(shoal::node::PullArgs),
     /// A supernode in this process (part of a bench swarm)
     #[command(name = "__supernode", hide = true)]
     NodeSupernode(shoal::node::SupernodeArgs),
@@ -71,6 +74,7 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::NodeShoald(args) => shoal::node::shoald(args).await,
         Command::NodeSupernode(args) => shoal::node::supernode(args).await,
+        Command::NodePull(args) => shoal::node::pull(args).await,
         Command::Sim(args) => {
             let run = tokio::task::block_in_place(|| shoal::sim::run(&args))?;
             shoal::report::finish(&run, args.json.as_deref(), args.report.as_deref())

@@ -59,3 +59,44 @@ pub async fn supernode(args: SupernodeArgs) -> anyhow::Result<()> {
     drop(supernode);
     Ok(())
 }
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct PullArgs {
+    /// Where to pull from: a mirror (with --ns) or the registry itself
+    #[arg(long)]
+    pub base: String,
+    /// The registry, as containerd names it to a mirror (`ns=`)
+    #[arg(long)]
+    pub ns: Option<String>,
+    #[arg(long)]
+    pub repo: String,
+    #[arg(long)]
+    pub tag: String,
+}
+
+/// One node's pull in a bench swarm: waits for a line on stdin ("go"), pulls the image as
+/// containerd does, and prints `ok SECONDS BYTES` or `err MESSAGE`.
+pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut line = String::new();
+    tokio::io::BufReader::new(tokio::io::stdin())
+        .read_line(&mut line)
+        .await?;
+    let client = reqwest::Client::new();
+    let progress = std::sync::atomic::AtomicU64::new(0);
+    let started = std::time::Instant::now();
+    let pulled = crate::registry::pull_streaming(
+        &client,
+        &args.base,
+        args.ns.as_deref(),
+        &args.repo,
+        &args.tag,
+        &progress,
+    )
+    .await;
+    match pulled {
+        Ok(bytes) => println!("ok {} {bytes}", started.elapsed().as_secs_f64()),
+        Err(e) => println!("err {e:#}"),
+    }
+    Ok(())
+}

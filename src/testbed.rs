@@ -73,8 +73,15 @@ pub struct Registry {
 impl Registry {
     /// Starts `docker-registry` in `dir`; with `users`, behind htpasswd basic auth.
     pub fn start(dir: &Path, users: &[(&str, &str)]) -> Registry {
+        Self::start_at(dir, users, &format!("127.0.0.1:{}", free_port()), &[])
+    }
+
+    /// Like [`Registry::start`], listening on `addr`, the command run through `wrap` (e.g.
+    /// `ip netns exec NAME`).
+    pub fn start_at(dir: &Path, users: &[(&str, &str)], addr: &str, wrap: &[&str]) -> Registry {
         let bin = tool("docker-registry");
-        let addr = format!("127.0.0.1:{}", free_port());
+        let addr = addr.to_owned();
+        std::fs::create_dir_all(dir).unwrap();
         let storage = dir.join("registry");
         let mut auth = String::new();
         if !users.is_empty() {
@@ -108,7 +115,15 @@ impl Registry {
         .unwrap();
         let log = dir.join("registry.log");
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(bin)
+        let mut command = match wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = command
             .args(["serve", config.to_str().unwrap()])
             .stdout(out.try_clone().unwrap())
             .stderr(out)

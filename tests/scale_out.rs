@@ -5,7 +5,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-fn scale_out(dir: &Path, path_env: Option<&str>) -> serde_json::Value {
+/// Runs the bench; returns its JSON and the pid of the `shoal` process.
+fn scale_out(dir: &Path, path_env: Option<&str>, extra: &[&str]) -> (serde_json::Value, u32) {
     let json = dir.join("run.json");
     let report = dir.join("report");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_shoal"));
@@ -22,7 +23,8 @@ fn scale_out(dir: &Path, path_env: Option<&str>) -> serde_json::Value {
     ])
     .arg(&json)
     .arg("--report")
-    .arg(&report);
+    .arg(&report)
+    .args(extra);
     if let Some(path) = path_env {
         cmd.env("PATH", path);
     }
@@ -41,7 +43,8 @@ fn scale_out(dir: &Path, path_env: Option<&str>) -> serde_json::Value {
     assert!(status.success(), "shoal bench scale-out failed: {status}");
     let html = std::fs::read_to_string(report.join("index.html")).unwrap();
     assert_eq!(html.matches("<svg").count(), 2, "the report has both plots");
-    serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap()
+    let run = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
+    (run, child.id())
 }
 
 fn check(run: &serde_json::Value) {
@@ -70,11 +73,46 @@ fn a_swarm_of_processes_takes_the_image_from_docker_registry_once() {
     // The run uses docker-registry when installed: make sure it is.
     shoal::testbed::tool("docker-registry");
     let dir = tempfile::tempdir().unwrap();
-    check(&scale_out(dir.path(), None));
+    check(&scale_out(dir.path(), None, &[]).0);
 }
 
 #[test]
 fn with_nothing_installed_the_embedded_origin_serves_the_image() {
     let dir = tempfile::tempdir().unwrap();
-    check(&scale_out(dir.path(), Some("/nonexistent")));
+    check(&scale_out(dir.path(), Some("/nonexistent"), &[]).0);
+}
+
+#[test]
+fn in_namespaces_the_caps_hold_and_the_registry_sends_the_image_once() {
+    shoal::testbed::tool("docker-registry");
+    shoal::testbed::tool("tc");
+    let dir = tempfile::tempdir().unwrap();
+    let (run, pid) = scale_out(dir.path(), None, &["--netns", "--bandwidth", "50mbit"]);
+    assert_eq!(run["mode"], "netns");
+    assert_eq!(run["failures"], 0, "{run:#}");
+    let bound = run["lower_bound_s"].as_f64().unwrap();
+    let image = run["image_bytes"].as_f64().unwrap();
+    assert!((bound - image / 6_250_000.0).abs() < 1e-6, "S/B at 50 mbit");
+    // No node beats its own link: if one did, the caps are not in place.
+    for t in run["node_completion_s"].as_array().unwrap() {
+        assert!(
+            t.as_f64().unwrap() >= 0.9 * bound,
+            "{t} s beat S/B = {bound} s"
+        );
+    }
+    let ratio = run["registry_egress_ratio"].as_f64().unwrap();
+    assert!((0.99..=1.05).contains(&ratio), "registry sent {ratio}x");
+    // Direct: three nodes share the registry's one capped link.
+    let direct = &run["baselines"]["direct"];
+    assert_eq!(direct["failures"], 0);
+    let direct_max = direct["completion_s"]["max"].as_f64().unwrap();
+    assert!(direct_max >= 0.9 * 3.0 * bound, "direct max {direct_max} s");
+    // Namespaces are gone afterwards.
+    let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let names = String::from_utf8_lossy(&left.stdout).to_string();
+    let ours = format!("shoal{pid}-");
+    assert!(
+        !names.lines().any(|l| l.starts_with(&ours)),
+        "namespaces left behind: {names}"
+    );
 }
