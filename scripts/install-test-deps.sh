@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs what shoal's end-to-end tests need on a fresh Debian machine: the CNCF registry
 # (docker-registry), containerd with ctr, htpasswd for the private-registry test, and
-# iproute2 (ip, tc) for the network-namespace benches.
+# iproute2 (ip, tc) for the network-namespace benches, aria2, opentracker and mktorrent for
+# their BitTorrent baseline.
 # Idempotent: does nothing when everything is already there. Needs root (or sudo).
 set -euo pipefail
 
-packages=(docker-registry containerd apache2-utils iproute2)
-tools=(docker-registry containerd ctr htpasswd ip tc)
+packages=(docker-registry containerd apache2-utils iproute2 aria2 opentracker mktorrent)
+tools=(docker-registry containerd ctr htpasswd ip tc aria2c opentracker mktorrent)
 
 missing=()
 for t in "${tools[@]}"; do

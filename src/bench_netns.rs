@@ -190,6 +190,14 @@ pub async fn scale_out(args: &ScaleOutArgs, image: &Image) -> anyhow::Result<Run
         direct.registry_egress_bytes = registry.blob_bytes_sent() - before;
         baselines.insert("direct".to_owned(), direct.finish(image_bytes, lower_bound));
     }
+    if args.baseline.iter().any(|b| b == "bittorrent") {
+        // Generous: four times what the registry's own link needs to serve everyone.
+        let deadline = Duration::from_secs_f64(60.0 + 4.0 * args.nodes as f64 * lower_bound);
+        let bt =
+            crate::bench_bt::run_baseline(&lab, &nodes, image, dir.path(), deadline, lower_bound)
+                .await?;
+        baselines.insert("bittorrent".to_owned(), bt.finish(image_bytes, lower_bound));
+    }
     drop(registry);
     drop(lab);
     Ok(Run {

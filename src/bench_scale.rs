@@ -39,7 +39,8 @@ pub struct ScaleOutArgs {
     /// Push the image to this registry (http://HOST:PORT) instead of starting one
     #[arg(long)]
     pub registry: Option<String>,
-    /// Baselines run in the same session: `direct` (every node pulls from the registry)
+    /// Baselines run in the same session: `direct` (every node pulls from the registry),
+    /// `bittorrent` (--netns only: aria2c clients with opentracker, one seed host)
     #[arg(long, value_delimiter = ',', default_value = "direct")]
     pub baseline: Vec<String>,
     /// Each node, supernode and the registry in its own network namespace with upload and
@@ -70,10 +71,15 @@ impl ScaleOutArgs {
             "--layers must be at least 1 and at most the image size in bytes"
         );
         for b in self.baseline.iter().filter(|b| !b.is_empty()) {
-            ensure!(
-                b == "direct",
-                "baseline {b:?} is not built yet (bittorrent needs --netns); use --baseline direct"
-            );
+            match b.as_str() {
+                "direct" => {}
+                "bittorrent" => ensure!(
+                    self.netns,
+                    "the bittorrent baseline runs in --netns mode only (aria2c clients need \
+                     an address each)"
+                ),
+                _ => bail!("unknown baseline {b:?}: use direct, bittorrent or both"),
+            }
         }
         Ok(())
     }

@@ -12,6 +12,7 @@
 //! - [`bench_swarm`]: `shoal bench swarm`, piece transfer against raw QUIC, swarm latency.
 //! - [`bench_scale`]: `shoal bench scale-out`, a real swarm of processes pulling one image.
 //! - [`bench_netns`]: its `--netns` mode: every host in a namespace with capped bandwidth.
+//! - [`bench_bt`]: its `bittorrent` baseline: aria2c clients and opentracker.
 //! - [`netns`]: the namespaces, veths, bridge and tbf caps of `--netns`.
 //! - [`node`]: the `shoal` binary as a shoald or supernode process of a bench swarm.
 //! - [`tap`]: a counting TCP forwarder that measures registry egress.
@@ -20,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bench_bt;
 pub mod bench_netns;
 pub mod bench_scale;
 pub mod bench_swarm;

@@ -83,11 +83,21 @@ fn with_nothing_installed_the_embedded_origin_serves_the_image() {
 }
 
 #[test]
-fn in_namespaces_the_caps_hold_and_the_registry_sends_the_image_once() {
+fn in_namespaces_the_caps_hold_the_registry_sends_the_image_once_and_bittorrent_runs() {
     shoal::testbed::tool("docker-registry");
     shoal::testbed::tool("tc");
     let dir = tempfile::tempdir().unwrap();
-    let (run, pid) = scale_out(dir.path(), None, &["--netns", "--bandwidth", "50mbit"]);
+    let (run, pid) = scale_out(
+        dir.path(),
+        None,
+        &[
+            "--netns",
+            "--bandwidth",
+            "50mbit",
+            "--baseline",
+            "direct,bittorrent",
+        ],
+    );
     assert_eq!(run["mode"], "netns");
     assert_eq!(run["failures"], 0, "{run:#}");
     let bound = run["lower_bound_s"].as_f64().unwrap();
@@ -107,6 +117,15 @@ fn in_namespaces_the_caps_hold_and_the_registry_sends_the_image_once() {
     assert_eq!(direct["failures"], 0);
     let direct_max = direct["completion_s"]["max"].as_f64().unwrap();
     assert!(direct_max >= 0.9 * 3.0 * bound, "direct max {direct_max} s");
+    // BitTorrent: every node completes, under the same caps.
+    let bt = &run["baselines"]["bittorrent"];
+    assert_eq!(bt["failures"], 0, "{bt:#}");
+    for t in bt["node_completion_s"].as_array().unwrap() {
+        assert!(
+            t.as_f64().unwrap() >= 0.9 * bound,
+            "bittorrent {t} s beat S/B"
+        );
+    }
     // Namespaces are gone afterwards.
     let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
     let names = String::from_utf8_lossy(&left.stdout).to_string();
