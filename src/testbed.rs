@@ -2,9 +2,10 @@
 //! containerd with `ctr`, and the `shoald` binary, each a child process on loopback with its
 //! own directory. A missing tool fails loudly: run `scripts/install-test-deps.sh`.
 
+use std::io::{Read as _, Seek as _};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use shoal_proto::BlobDigest;
@@ -392,24 +393,24 @@ impl Containerd {
 
     /// Runs `ctr --address SOCKET args…` (bounded by [`HANG`]): (success, stdout + stderr).
     pub fn ctr_output(&self, args: &[&str]) -> (bool, String) {
+        // Output goes to a file, not a pipe: ctr prints progress all along, and a pipe
+        // nobody reads while it runs fills up and blocks it.
+        let mut out = tempfile::tempfile().expect("a temporary file for ctr's output");
         let mut child = Command::new(tool("ctr"))
             .arg("--address")
             .arg(&self.socket)
             .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out.try_clone().unwrap())
             .spawn()
             .expect("ctr runs");
         let started = Instant::now();
         loop {
-            if let Some(_status) = child.try_wait().unwrap() {
-                let out = child.wait_with_output().unwrap();
-                let text = format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                return (out.status.success(), text);
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut text = String::new();
+                out.seek(std::io::SeekFrom::Start(0)).unwrap();
+                out.read_to_string(&mut text).unwrap();
+                return (status.success(), text);
             }
             if started.elapsed() > HANG {
                 let _ = child.kill();

@@ -139,7 +139,7 @@ pub struct ServeArgs {
     )]
     pub download_rate: Option<String>,
 
-    /// Pieces uploaded to peers at once; more requests are told to ask elsewhere [default: 16]
+    /// Pieces uploaded to peers at once; more requests are told to ask elsewhere [default: 4]
     #[arg(
         long,
         env = "SHOAL_MAX_UPLOAD_PEERS",
@@ -368,7 +368,7 @@ fn resolve_swarm(args: &ServeArgs, errors: &mut Vec<String>) -> Option<SwarmConf
         supernodes,
         zone: args.zone.clone().unwrap_or_default(),
         join_token: join_token?,
-        max_upload_peers: args.max_upload_peers.unwrap_or(16).max(1),
+        max_upload_peers: args.max_upload_peers.unwrap_or(4).max(1),
         upload_rate: upload_rate?,
         download_rate: download_rate?,
     })

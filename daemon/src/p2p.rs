@@ -24,7 +24,11 @@ use crate::store::PartialBlob;
 use crate::swarm::Swarm;
 
 /// How often the driver asks the supernode for new hashes and parents, and announces.
-const REFRESH: Duration = Duration::from_millis(200);
+pub const REFRESH: Duration = Duration::from_millis(200);
+/// How soon it asks again when it has nothing in flight: the parents it knows have nothing
+/// it lacks, as far as it knows, and fresh answers are what it needs (`shoal sim`, 100
+/// nodes x 256 MiB at 1 Gbit/s: p50 1.58 x S/B at 25 ms, 1.98 x at 50 ms, 2.5 x at 200 ms).
+pub const HUNGRY_ASK: Duration = Duration::from_millis(25);
 /// Deadline for one piece from a peer.
 const PIECE_DEADLINE: Duration = Duration::from_secs(10);
 /// The error of a piece request a peer answered with "busy".
@@ -118,6 +122,7 @@ impl P2pFetch<'_> {
             if planner.is_complete() {
                 break;
             }
+            let hungry = planner.in_flight() == 0;
             tokio::select! {
                 Some(done) = jobs.join_next() => {
                     let Ok(done) = done else { continue };
@@ -179,7 +184,11 @@ impl P2pFetch<'_> {
                 // While hashes are missing, ask again as soon as the last answer is in: the
                 // supernode holds each answer until the seed has more, which paces this.
                 _ = async {
-                    if supernode_lost || hashes.len() >= layout.count() as usize {
+                    if supernode_lost {
+                        refresh.tick().await;
+                    } else if hungry {
+                        tokio::time::sleep(HUNGRY_ASK).await;
+                    } else if hashes.len() >= layout.count() as usize {
                         refresh.tick().await;
                     }
                 }, if asking.is_none() => {

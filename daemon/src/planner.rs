@@ -13,8 +13,9 @@
 //!   for a while, one that sends bad data is never asked again;
 //! - a piece whose hash is not known yet is not asked for (it could not be checked);
 //! - a piece no parent has yet waits for the seed to publish it; when nothing has arrived
-//!   for `stall_after`, or the swarm gave up on the blob ([`Planner::registry_only`]), the
-//!   missing pieces go to the registry ([`Request::Registry`]).
+//!   for `stall_after`, the streaming window goes to the registry ([`Request::Registry`])
+//!   so that the client keeps getting bytes; when no peer has delivered for twice as long,
+//!   or the swarm gave up on the blob ([`Planner::registry_only`]), every missing piece.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -26,6 +27,10 @@ use shoal_proto::{PieceIndex, PieceLayout};
 pub struct PlannerConfig {
     /// Requests in flight to one parent.
     pub per_parent: u32,
+    /// Requests in flight in all: enough to fill the link, few enough that each piece
+    /// arrives soon (a piece is only passed on once it is whole, and a request that
+    /// shares the link with too many others times out).
+    pub max_in_flight: u32,
     /// Pieces ahead of the streaming cursor fetched in order.
     pub window: u32,
     /// A request older than this is given up and its parent rested.
@@ -36,7 +41,8 @@ pub struct PlannerConfig {
     /// since its slots free as pieces finish (`shoal sim`: 5 s here made 100 nodes take
     /// 11 s instead of 6.6 s for a 256 MiB image at 1 Gbit/s).
     pub rest_busy: Duration,
-    /// No progress for this long: the rest comes from the registry.
+    /// No progress for this long: the streaming window comes from the registry; no piece
+    /// from a peer for twice as long: everything does.
     pub stall_after: Duration,
 }
 
@@ -44,6 +50,7 @@ impl Default for PlannerConfig {
     fn default() -> Self {
         Self {
             per_parent: 4,
+            max_in_flight: 8,
             window: 8,
             piece_timeout: Duration::from_secs(10),
             rest: Duration::from_secs(5),
@@ -97,6 +104,8 @@ pub struct Planner {
     /// Pieces below this have been handed to the client.
     cursor: u32,
     last_progress: Instant,
+    /// When a peer (or seed) last delivered a piece.
+    last_peer_progress: Instant,
     /// Spreads tie-breaks between nodes.
     offset: u32,
     /// The swarm cannot help (supernode gone or refused): everything from the registry.
@@ -118,6 +127,7 @@ impl Planner {
             parents: HashMap::new(),
             cursor: 0,
             last_progress: now,
+            last_peer_progress: now,
             offset: (me.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32 % count,
             registry_only: false,
             hashes_final: false,
@@ -174,16 +184,27 @@ impl Planner {
         &self.have
     }
 
+    /// Requests in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
     pub fn is_complete(&self) -> bool {
         self.have.is_full()
     }
 
     /// A piece arrived and passed its hash.
     pub fn done(&mut self, now: Instant, piece: PieceIndex) {
-        if let Some((Source::Peer(parent), _)) = self.in_flight.remove(&piece)
-            && let Some(p) = self.parents.get_mut(&parent)
-        {
-            p.in_flight = p.in_flight.saturating_sub(1);
+        match self.in_flight.remove(&piece) {
+            Some((Source::Peer(parent), _)) => {
+                self.last_peer_progress = now;
+                if let Some(p) = self.parents.get_mut(&parent) {
+                    p.in_flight = p.in_flight.saturating_sub(1);
+                }
+            }
+            Some((Source::Registry, _)) => {}
+            // A peer's answer that came after its request was given up: still progress.
+            None => self.last_peer_progress = now,
         }
         self.have.insert(piece);
         self.last_progress = now;
@@ -219,11 +240,22 @@ impl Planner {
             self.failed(now, piece, Failure::Unavailable);
         }
 
-        let stalled =
-            self.registry_only || now.duration_since(self.last_progress) > self.config.stall_after;
+        // A stall hands the streaming window to the registry, so that the client keeps
+        // getting bytes while the swarm is slow; only when no peer has delivered anything
+        // for twice as long does the registry take everything (in a large swarm on slow
+        // links a node may wait long for its share, and sending all of those nodes to the
+        // registry at once would recreate the herd shoal exists to prevent).
+        let swarm_dead = self.registry_only
+            || now.duration_since(self.last_peer_progress) > 2 * self.config.stall_after;
+        let stalled = now.duration_since(self.last_progress) > self.config.stall_after;
+        let window_end = self.cursor + self.config.window;
         let mut out = Vec::new();
         for piece in self.candidates() {
-            let request = if stalled {
+            if self.in_flight.len() >= self.config.max_in_flight as usize {
+                break;
+            }
+            let to_registry = swarm_dead || (stalled && piece.0 < window_end);
+            let request = if to_registry {
                 None
             } else {
                 self.pick_parent(now, piece)
@@ -239,7 +271,7 @@ impl Planner {
                 }
                 // Without a supernode nothing new will be learned: a piece that cannot be
                 // checked, or that no remaining parent holds, comes from the registry now.
-                None if stalled
+                None if to_registry
                     || (self.hashes_final
                         && (piece.0 >= self.hashes_known || !self.any_parent_has(piece))) =>
                 {
@@ -332,9 +364,14 @@ mod tests {
         }
     }
 
+    /// A planner without the overall cap on requests (tested on its own).
     fn planner(pieces: u64) -> (Planner, Instant) {
         let now = Instant::now();
-        let mut p = Planner::new(PlannerConfig::default(), layout(pieces), NodeId(99), now);
+        let config = PlannerConfig {
+            max_in_flight: u32::MAX,
+            ..PlannerConfig::default()
+        };
+        let mut p = Planner::new(config, layout(pieces), NodeId(99), now);
         p.hashes_known(pieces as u32);
         (p, now)
     }
@@ -504,6 +541,50 @@ mod tests {
         p.done(later, PieceIndex(0));
         p.done(later, PieceIndex(1));
         assert!(p.is_complete());
+    }
+
+    #[test]
+    fn a_stall_sends_the_window_to_the_registry_and_a_dead_swarm_everything() {
+        let (mut p, now) = planner(20);
+        p.offer(vec![parent(1, 20, 0..20)]);
+        assert_eq!(p.next_requests(now).len(), 4, "per_parent requests");
+        // Nothing arrives: the requests time out, the parent rests, and the window (the
+        // next 8 pieces the client needs) comes from the registry; the rest waits.
+        let stalled = now + Duration::from_secs(11);
+        let reqs = p.next_requests(stalled);
+        let expected: Vec<Request> = (0..8)
+            .map(|i| Request::Registry {
+                piece: PieceIndex(i),
+            })
+            .collect();
+        assert_eq!(reqs, expected);
+        for i in 0..8 {
+            p.done(stalled, PieceIndex(i));
+        }
+        p.streamed_to(8);
+        // The parent is back from its rest and serves again.
+        let rested = stalled + Duration::from_secs(6);
+        let reqs = p.next_requests(rested);
+        assert_eq!(reqs.len(), 4);
+        assert!(reqs.iter().all(|r| matches!(r, Request::Peer { .. })));
+        // Still no peer delivered anything after twice the stall: all from the registry.
+        let dead = now + Duration::from_secs(21);
+        let reqs = p.next_requests(dead);
+        assert_eq!(reqs.len(), 8, "the 8 pieces not in flight: {reqs:?}");
+        assert!(reqs.iter().all(|r| matches!(r, Request::Registry { .. })));
+    }
+
+    #[test]
+    fn requests_in_flight_are_capped_overall() {
+        let now = Instant::now();
+        let mut p = Planner::new(PlannerConfig::default(), layout(40), NodeId(1), now);
+        p.hashes_known(40);
+        p.offer((1..=8).map(|id| parent(id, 40, 0..40)).collect());
+        let cap = PlannerConfig::default().max_in_flight as usize;
+        assert_eq!(p.next_requests(now).len(), cap);
+        assert!(p.next_requests(now).is_empty());
+        p.done(now, PieceIndex(0));
+        assert_eq!(p.next_requests(now).len(), 1, "one done, one more");
     }
 
     #[test]

@@ -128,8 +128,8 @@ const HOUSEKEEPING: f64 = 5.0;
 const SEED_ID_BASE: u64 = 1 << 40;
 /// Pieces a host sends at once before it answers "busy": shoald's `--max-upload-peers`
 /// default and the supernode's seed limit.
-const NODE_UPLOADS: u16 = 16;
-const SEED_UPLOADS: u16 = 64;
+const NODE_UPLOADS: u16 = 4;
+const SEED_UPLOADS: u16 = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Src {
@@ -168,6 +168,8 @@ struct Pull {
     haves: Vec<PieceIndex>,
     prefix: u32,
     asked: bool,
+    /// When the next question is due (earlier entries in the heap are stale).
+    next_ask: u64,
     lost: bool,
     done: bool,
 }
@@ -332,6 +334,7 @@ impl Sim {
                 haves: Vec::new(),
                 prefix: 0,
                 asked: false,
+                next_ask: 0,
                 lost: false,
                 done: false,
             })
@@ -414,7 +417,9 @@ impl Sim {
                     break;
                 }
                 self.asks.pop();
-                self.ask(t, pull);
+                if self.pulls[pull as usize].next_ask == at {
+                    self.ask(t, pull);
+                }
             }
             self.plan(t);
             if t >= next_sample {
@@ -532,7 +537,9 @@ impl Sim {
         } else {
             REFRESH
         };
-        self.asks.push(std::cmp::Reverse((tick(t + again), pull)));
+        let at = tick(t + again);
+        self.pulls[pull as usize].next_ask = at;
+        self.asks.push(std::cmp::Reverse((at, pull)));
         if start_seed {
             self.seed_fetch(sn_index, blob_index, 0);
         }
@@ -607,6 +614,11 @@ impl Sim {
                     }
                     self.uploads[from as usize] += 1;
                 }
+                if src == Src::Seed {
+                    let sn = from as usize - self.nodes.len();
+                    let digest = self.blobs[p.blob as usize].digest;
+                    self.sns[sn].scheduler.seed_sending(now, &digest, piece);
+                }
                 let len = layout.len_of(piece).unwrap_or(0);
                 let tag = Tag::Piece {
                     pull,
@@ -614,6 +626,14 @@ impl Sim {
                     src,
                 };
                 self.net.start(from, to, u64::from(len), tag);
+            }
+            // Nothing in flight: ask the supernode again soon, as the daemon does.
+            if planner.in_flight() == 0 && !planner.is_complete() && !p.lost {
+                let at = tick(t + shoal_daemon::p2p::HUNGRY_ASK.as_secs_f64());
+                if at < p.next_ask {
+                    p.next_ask = at;
+                    self.asks.push(std::cmp::Reverse((at, pull)));
+                }
             }
         }
         self.touched = touched;

@@ -15,8 +15,9 @@
 //!   load window is skipped while others remain;
 //! - prefer the asker's zone, then the least loaded, then the one with most useful pieces;
 //! - a seed (see [`Scheduler::add_seed`]) offers only pieces no other peer has announced,
-//!   each to at most [`SEED_SPREAD`] askers per load window ("super-seeding"): its upload
-//!   goes to new pieces, and the nodes trade the rest. Without this every node asks the
+//!   each to one asker at a time ([`SEED_OFFER_HOLD`]), and none it has begun sending
+//!   within the load window ("super-seeding"): its upload goes to new pieces, each sent
+//!   about once, and the nodes trade the rest. Without this every node asks the
 //!   seed for the newest pieces and the seed's upload sets the pace of the whole swarm
 //!   (`shoal sim` showed it: 100 nodes, no byte from peers).
 
@@ -41,16 +42,20 @@ pub struct SchedulerConfig {
     pub peer_timeout: Duration,
     /// Holders considered per decision.
     pub sample: usize,
+    /// Pieces a seed gives one asker before others get theirs: the asker's share of
+    /// pieces only it holds (see [`Scheduler::parents`]).
+    pub seed_offer: usize,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
-            parents_per_answer: 4,
+            parents_per_answer: 8,
             max_uploads_per_parent: 8,
             load_window: Duration::from_secs(2),
             peer_timeout: Duration::from_secs(30),
             sample: 128,
+            seed_offer: 2,
         }
     }
 }
@@ -63,11 +68,10 @@ struct Peer {
     handouts: VecDeque<Instant>,
 }
 
-/// Askers a seed offers one piece to within a load window.
-pub const SEED_SPREAD: u8 = 2;
-/// Pieces a seed offers one asker at a time: what it can fetch at once, so that the
-/// offer does not use up the spread of pieces the asker will not take now.
-pub const SEED_OFFER: usize = 8;
+/// How long a seed's offer of a piece to one asker keeps it from other askers. Short: an
+/// asker busy elsewhere must not leave the seed idle; once the seed sends the piece
+/// ([`Scheduler::seed_sending`]) the piece is held for the load window instead.
+pub const SEED_OFFER_HOLD: Duration = Duration::from_millis(300);
 
 #[derive(Debug)]
 struct Task {
@@ -77,8 +81,11 @@ struct Task {
     cursor: usize,
     /// Per piece: holders other than seeds.
     available: Vec<u32>,
-    /// Per piece: how often a seed offered it, and when last.
-    seed_offers: Vec<(u8, Option<Instant>)>,
+    /// Per piece: when a seed last offered it, and when it last began sending it.
+    seed_offered: Vec<Option<Instant>>,
+    seed_sent: Vec<Option<Instant>>,
+    /// Per asker: pieces a seed offered it recently, and when.
+    seed_gifts: HashMap<NodeId, Vec<(PieceIndex, Instant)>>,
 }
 
 impl Task {
@@ -89,11 +96,14 @@ impl Task {
             holders: IndexMap::new(),
             cursor: 0,
             available: vec![0; count],
-            seed_offers: vec![(0, None); count],
+            seed_offered: vec![None; count],
+            seed_sent: vec![None; count],
+            seed_gifts: HashMap::new(),
         }
     }
 
     fn remove_holder(&mut self, node: &NodeId, is_seed: bool) {
+        self.seed_gifts.remove(node);
         if let Some(set) = self.holders.swap_remove(node)
             && !is_seed
         {
@@ -179,6 +189,19 @@ impl Scheduler {
     pub fn keep_alive(&mut self, now: Instant, node: NodeId) {
         if let Some(peer) = self.peers.get_mut(&node) {
             peer.last_seen = now;
+        }
+    }
+
+    /// A seed began sending `piece` of `digest` to a node: other askers are not offered
+    /// it from the seed for a load window (by then the receiver has announced it, or it
+    /// is gone and the piece is offered again).
+    pub fn seed_sending(&mut self, now: Instant, digest: &BlobDigest, piece: PieceIndex) {
+        if let Some(sent) = self
+            .tasks
+            .get_mut(digest)
+            .and_then(|t| t.seed_sent.get_mut(piece.0 as usize))
+        {
+            *sent = Some(now);
         }
     }
 
@@ -306,6 +329,31 @@ impl Scheduler {
             .get_mut(digest)
             .ok_or(ScheduleError::UnknownTask)?;
         let count = task.layout.count();
+        // What the seed gave this asker recently that nobody else has yet: while the asker
+        // has `seed_offer` such pieces, it has enough to trade and the seed serves others
+        // (without this the seed's pieces pile up on whoever asks first, and that one
+        // node's upload paces the swarm).
+        let seed_quota = {
+            let window = self.config.load_window;
+            let available = &task.available;
+            let pending = task.seed_gifts.get_mut(&asker).map_or(0, |gifts| {
+                gifts.retain(|(p, t)| {
+                    now.duration_since(*t) <= window && available[p.0 as usize] <= 1
+                });
+                gifts.len()
+            });
+            // Alone in the task, the asker has nobody to trade with: no share.
+            let seeds_here = self
+                .seeds
+                .iter()
+                .filter(|s| task.holders.contains_key(*s))
+                .count();
+            if task.holders.len() - seeds_here <= 1 {
+                usize::MAX
+            } else {
+                self.config.seed_offer.saturating_sub(pending)
+            }
+        };
         let empty = PieceSet::empty(count);
         let mine = task.holders.get(&asker).unwrap_or(&empty);
         let asker_zone = self
@@ -318,10 +366,11 @@ impl Scheduler {
             self.config.load_window,
             self.config.max_uploads_per_parent,
         );
-        let seed_may_offer = |p: PieceIndex, offers: &[(u8, Option<Instant>)]| {
-            let (n, last) = offers[p.0 as usize];
-            task.available[p.0 as usize] == 0
-                && (n < SEED_SPREAD || last.is_none_or(|t| now.duration_since(t) > window))
+        let seed_may_offer = |p: PieceIndex, task: &Task| {
+            let i = p.0 as usize;
+            task.available[i] == 0
+                && task.seed_offered[i].is_none_or(|t| now.duration_since(t) > SEED_OFFER_HOLD)
+                && task.seed_sent[i].is_none_or(|t| now.duration_since(t) > window)
         };
 
         // Holders from a rotating start until `sample` useful ones are found (so a decision
@@ -354,10 +403,12 @@ impl Scheduler {
             if *node == asker || now.duration_since(peer.last_seen) > timeout {
                 continue;
             }
-            let useful = if self.seeds.contains(node) {
+            let useful = if self.seeds.contains(node) && seed_quota == 0 {
+                0
+            } else if self.seeds.contains(node) {
                 pieces
                     .iter()
-                    .filter(|p| !mine.contains(*p) && seed_may_offer(*p, &task.seed_offers))
+                    .filter(|p| !mine.contains(*p) && seed_may_offer(*p, task))
                     .count() as u32
             } else {
                 pieces.count_not_in(mine)
@@ -398,18 +449,17 @@ impl Scheduler {
                 // Only pieces nobody else has, the least offered first, a few at a time;
                 // each offer is counted.
                 let mine = task.holders.get(&asker).unwrap_or(&empty);
-                let mut eligible: Vec<(u8, PieceIndex)> = held
+                let eligible: Vec<PieceIndex> = held
                     .iter()
-                    .filter(|p| !mine.contains(*p) && seed_may_offer(*p, &task.seed_offers))
-                    .map(|p| (task.seed_offers[p.0 as usize].0, p))
+                    .filter(|p| !mine.contains(*p) && seed_may_offer(*p, task))
+                    .take(seed_quota)
                     .collect();
-                eligible.sort_unstable();
                 let mut offered = PieceSet::empty(count);
-                for (_, p) in eligible.into_iter().take(SEED_OFFER) {
+                let gifts = task.seed_gifts.entry(asker).or_default();
+                for p in eligible {
                     offered.insert(p);
-                    let o = &mut task.seed_offers[p.0 as usize];
-                    let expired = o.1.is_some_and(|t| now.duration_since(t) > window);
-                    *o = (if expired { 1 } else { o.0.saturating_add(1) }, Some(now));
+                    task.seed_offered[p.0 as usize] = Some(now);
+                    gifts.push((p, now));
                 }
                 offered
             } else {
@@ -504,8 +554,8 @@ mod tests {
     }
 
     #[test]
-    fn a_seed_offers_only_pieces_nobody_else_has_each_to_few_askers() {
-        let (mut s, mut clock, d, layout) = setup(6, |_| "a");
+    fn a_seed_gives_each_rare_piece_once_and_each_asker_a_small_share() {
+        let (mut s, mut clock, d, layout) = setup(8, |_| "a");
         let seed = NodeId(0);
         s.add_seed(seed);
         s.have(clock.now(), seed, &d, &all(&layout)).unwrap();
@@ -519,18 +569,42 @@ mod tests {
                 .find(|p| p.node == seed)
                 .map(|p| p.pieces.iter().map(|i| i.0).collect::<Vec<_>>())
         };
-        assert_eq!(seed_offer(&mut s, 2, clock.now()), Some(vec![4, 5, 6, 7]));
-        assert_eq!(seed_offer(&mut s, 3, clock.now()), Some(vec![4, 5, 6, 7]));
-        // Pieces 4-7 went to two askers in this window: the next asker trades with them.
+        // Two pieces per asker, each rare piece to one asker at a time.
+        assert_eq!(seed_offer(&mut s, 2, clock.now()), Some(vec![4, 5]));
+        assert_eq!(seed_offer(&mut s, 3, clock.now()), Some(vec![6, 7]));
         assert_eq!(seed_offer(&mut s, 4, clock.now()), None);
-        // A window later, nobody announced them (the askers may be gone): offered again.
-        clock.advance(SchedulerConfig::default().load_window + Duration::from_millis(1));
-        assert_eq!(seed_offer(&mut s, 4, clock.now()), Some(vec![4, 5, 6, 7]));
+        // Asker 2 has its share until another node holds those pieces too.
+        clock.advance(SEED_OFFER_HOLD + Duration::from_millis(1));
+        assert_eq!(seed_offer(&mut s, 2, clock.now()), None);
+        // Offers nobody took lapse quickly; a piece the seed sends is held for a window.
+        s.seed_sending(clock.now(), &d, PieceIndex(6));
+        assert_eq!(seed_offer(&mut s, 4, clock.now()), Some(vec![4, 5]));
+        assert_eq!(seed_offer(&mut s, 5, clock.now()), Some(vec![7]));
+        clock.advance(SEED_OFFER_HOLD + Duration::from_millis(1));
+        assert_eq!(seed_offer(&mut s, 6, clock.now()), Some(vec![4, 5]));
+        clock.advance(SchedulerConfig::default().load_window);
+        assert_eq!(seed_offer(&mut s, 7, clock.now()), Some(vec![4, 5]));
         // A holder that leaves makes its pieces rare again.
         s.leave(NodeId(1));
+        assert_eq!(seed_offer(&mut s, 2, clock.now()), Some(vec![0, 1]));
+    }
+
+    #[test]
+    fn a_node_alone_with_the_seed_gets_every_piece_offered() {
+        let (mut s, clock, d, layout) = setup(2, |_| "a");
+        let seed = NodeId(0);
+        s.add_seed(seed);
+        s.have(clock.now(), seed, &d, &all(&layout)).unwrap();
+        let offered = s
+            .parents(clock.now(), NodeId(1), &d)
+            .unwrap()
+            .into_iter()
+            .find(|p| p.node == seed)
+            .map(|p| p.pieces.iter().count());
         assert_eq!(
-            seed_offer(&mut s, 5, clock.now()),
-            Some(vec![0, 1, 2, 3, 4, 5, 6, 7])
+            offered,
+            Some(layout.count() as usize),
+            "nobody to trade with"
         );
     }
 
@@ -541,8 +615,11 @@ mod tests {
             s.have(clock.now(), NodeId(i), &d, &all(&layout)).unwrap();
         }
         let parents = s.parents(clock.now(), NodeId(9), &d).unwrap();
-        assert_eq!(parents.len(), 4);
-        assert!(parents.iter().all(|p| p.node.0 % 2 == 1), "{parents:?}");
+        assert_eq!(parents.len(), 8);
+        assert!(
+            parents[..4].iter().all(|p| p.node.0 % 2 == 1),
+            "the four in the asker's zone come first: {parents:?}"
+        );
     }
 
     #[test]

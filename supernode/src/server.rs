@@ -26,8 +26,9 @@ use crate::{Scheduler, SchedulerConfig};
 
 /// Longest a `Want` is held while the seed has no hashes beyond what the node knows.
 const HOLD_WANT: Duration = Duration::from_millis(200);
-/// Pieces the seed sends at once.
-const SEED_UPLOADS: usize = 64;
+/// Pieces the seed sends at once: few, so that each is whole soon and its receiver can pass
+/// it on (`shoal sim`: 64 here let a piece take 64 piece-times to arrive).
+const SEED_UPLOADS: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct SupernodeConfig {
@@ -211,6 +212,9 @@ async fn accept_quic(endpoint: Endpoint, state: Arc<State>) {
     let seed_state = state.clone();
     let lookup: PieceLookup = Arc::new(move |digest, index| {
         let piece = seed_state.seed.get(digest)?.piece(index)?;
+        seed_state
+            .scheduler()
+            .seed_sending(Instant::now(), digest, index);
         seed_state
             .seed_bytes
             .fetch_add(piece.1.end - piece.1.start, Ordering::Relaxed);
