@@ -115,8 +115,14 @@ impl P2pFetch<'_> {
             None;
         let mut registry_failures = 0;
         let mut prefix = 0u32;
+        let mut fell_back = false;
         loop {
             for request in planner.next_requests(Instant::now()) {
+                if let (Request::Registry { piece }, false) = (request, fell_back) {
+                    fell_back = true;
+                    tracing::warn!(digest = %req.digest, piece = piece.0, have = planner.have().iter().count(),
+                        "the swarm is too slow for this blob: pieces come from the registry");
+                }
                 self.spawn(&mut jobs, request, &addrs, layout);
             }
             if planner.is_complete() {
