@@ -187,14 +187,14 @@ impl P2pFetch<'_> {
                     let written = layout.range(PieceIndex(prefix)).map_or(layout.blob_len(), |r| r.start);
                     self.tx.send_replace(FlightState::Running { written });
                 }
-                // While hashes are missing, ask again as soon as the last answer is in: the
-                // supernode holds each answer until the seed has more, which paces this.
+                // Ask every REFRESH, or soon when there is nothing to fetch (for example
+                // because the hashes known are all fetched): the supernode holds such an
+                // answer until the seed has more. Asking as each new hash appears would
+                // cost the supernode a question per piece per node.
                 _ = async {
-                    if supernode_lost {
-                        refresh.tick().await;
-                    } else if hungry {
+                    if hungry && !supernode_lost {
                         tokio::time::sleep(HUNGRY_ASK).await;
-                    } else if hashes.len() >= layout.count() as usize {
+                    } else {
                         refresh.tick().await;
                     }
                 }, if asking.is_none() => {

@@ -17,7 +17,7 @@
 //!   so that the client keeps getting bytes; when no peer has delivered for twice as long,
 //!   or the swarm gave up on the blob ([`Planner::registry_only`]), every missing piece.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::time::{Duration, Instant};
 
 use shoal_proto::message::{NodeId, Parent, PieceSet};
@@ -80,11 +80,18 @@ pub enum Failure {
 
 #[derive(Debug)]
 struct ParentState {
+    node: NodeId,
     pieces: PieceSet,
     in_flight: u32,
     rested_until: Option<Instant>,
-    banned: bool,
+    /// The offer that last named it.
+    offered: u64,
 }
+
+/// A parent no offer has named in this many offers is forgotten (once nothing is in flight
+/// to it): its piece set is stale, and a node that knew every parent it was ever offered
+/// would scan thousands per plan.
+pub const FORGET_AFTER_OFFERS: u64 = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source {
@@ -100,7 +107,20 @@ pub struct Planner {
     /// Hashes are known for pieces below this index.
     hashes_known: u32,
     in_flight: HashMap<PieceIndex, (Source, Instant)>,
-    parents: HashMap<NodeId, ParentState>,
+    /// The keys of `in_flight`, for fast scans.
+    requested: PieceSet,
+    /// The parents of the last few offers; `parent_at` finds one by id.
+    parents: Vec<ParentState>,
+    parent_at: HashMap<NodeId, usize>,
+    /// Offers so far.
+    offers: u64,
+    /// Parents that sent bad data or are gone: never asked again.
+    banned: HashSet<NodeId>,
+    /// How many parents that are not banned hold each piece, and the pieces at least one
+    /// holds: kept as offers come, so that a plan costs little when thousands run at once
+    /// (`shoal sim`).
+    holders: Vec<u32>,
+    held: PieceSet,
     /// Pieces below this have been handed to the client.
     cursor: u32,
     last_progress: Instant,
@@ -113,40 +133,70 @@ pub struct Planner {
     /// No more hashes will come (the supernode is gone): pieces without one come from the
     /// registry at once; peers still serve the pieces that can be checked.
     hashes_final: bool,
+    /// Reused space for ranking pieces: (holders, tie-break, piece).
+    ranked: Vec<(u32, u32, PieceIndex)>,
 }
 
 impl Planner {
     pub fn new(config: PlannerConfig, layout: PieceLayout, me: NodeId, now: Instant) -> Self {
-        let count = layout.count().max(1);
+        let count = layout.count();
         Self {
             config,
             layout,
-            have: PieceSet::empty(layout.count()),
+            have: PieceSet::empty(count),
             hashes_known: 0,
             in_flight: HashMap::new(),
-            parents: HashMap::new(),
+            requested: PieceSet::empty(count),
+            parents: Vec::new(),
+            parent_at: HashMap::new(),
+            offers: 0,
+            banned: HashSet::new(),
+            holders: vec![0; count as usize],
+            held: PieceSet::empty(count),
             cursor: 0,
             last_progress: now,
             last_peer_progress: now,
-            offset: (me.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32 % count,
+            offset: (me.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32 % count.max(1),
             registry_only: false,
             hashes_final: false,
+            ranked: Vec::new(),
         }
     }
 
-    /// The supernode offered parents (replaces what it said of them before).
+    /// The supernode offered parents (replaces what it said of them before). Parents that
+    /// no offer named for [`FORGET_AFTER_OFFERS`] offers are forgotten.
     pub fn offer(&mut self, parents: Vec<Parent>) {
+        let count = self.layout.count();
+        self.offers += 1;
         for p in parents {
-            if !p.pieces.fits(self.layout.count()) {
+            if !p.pieces.fits(count) || self.banned.contains(&p.node) {
                 continue;
             }
-            let state = self.parents.entry(p.node).or_insert_with(|| ParentState {
-                pieces: PieceSet::empty(0),
-                in_flight: 0,
-                rested_until: None,
-                banned: false,
+            let at = *self.parent_at.entry(p.node).or_insert_with(|| {
+                self.parents.push(ParentState {
+                    node: p.node,
+                    pieces: PieceSet::empty(count),
+                    in_flight: 0,
+                    rested_until: None,
+                    offered: 0,
+                });
+                self.parents.len() - 1
             });
+            let state = &mut self.parents[at];
+            state.offered = self.offers;
+            for (piece, added) in state.pieces.changes(&p.pieces) {
+                count_holder(&mut self.holders, &mut self.held, piece, added);
+            }
             state.pieces = p.pieces;
+        }
+        let mut at = 0;
+        while at < self.parents.len() {
+            let p = &self.parents[at];
+            if p.in_flight == 0 && p.offered + FORGET_AFTER_OFFERS <= self.offers {
+                self.drop_parent(at);
+            } else {
+                at += 1;
+            }
         }
     }
 
@@ -158,11 +208,16 @@ impl Planner {
     /// A parent is gone for good (e.g. the seed of a supernode that died): never ask it
     /// again, and free its pieces in flight for others.
     pub fn remove_parent(&mut self, node: NodeId) {
-        if let Some(p) = self.parents.get_mut(&node) {
-            p.banned = true;
+        self.ban(node);
+        let gone: Vec<PieceIndex> = self
+            .in_flight
+            .iter()
+            .filter(|(_, (source, _))| *source == Source::Peer(node))
+            .map(|(piece, _)| *piece)
+            .collect();
+        for piece in gone {
+            self.untrack(piece);
         }
-        self.in_flight
-            .retain(|_, (source, _)| *source != Source::Peer(node));
     }
 
     /// The supernode is gone: no more piece hashes will arrive.
@@ -195,10 +250,11 @@ impl Planner {
 
     /// A piece arrived and passed its hash.
     pub fn done(&mut self, now: Instant, piece: PieceIndex) {
-        match self.in_flight.remove(&piece) {
+        match self.untrack(piece) {
             Some((Source::Peer(parent), _)) => {
                 self.last_peer_progress = now;
-                if let Some(p) = self.parents.get_mut(&parent) {
+                if let Some(&at) = self.parent_at.get(&parent) {
+                    let p = &mut self.parents[at];
                     p.in_flight = p.in_flight.saturating_sub(1);
                 }
             }
@@ -212,17 +268,19 @@ impl Planner {
 
     /// A request failed.
     pub fn failed(&mut self, now: Instant, piece: PieceIndex, failure: Failure) {
-        let Some((source, _)) = self.in_flight.remove(&piece) else {
+        let Some((source, _)) = self.untrack(piece) else {
             return;
         };
         let Source::Peer(parent) = source else { return };
-        if let Some(p) = self.parents.get_mut(&parent) {
-            p.in_flight = p.in_flight.saturating_sub(1);
-            match failure {
-                Failure::Unavailable => p.rested_until = Some(now + self.config.rest),
-                Failure::Busy => p.rested_until = Some(now + self.config.rest_busy),
-                Failure::BadData => p.banned = true,
-            }
+        let Some(&at) = self.parent_at.get(&parent) else {
+            return;
+        };
+        let p = &mut self.parents[at];
+        p.in_flight = p.in_flight.saturating_sub(1);
+        match failure {
+            Failure::Unavailable => p.rested_until = Some(now + self.config.rest),
+            Failure::Busy => p.rested_until = Some(now + self.config.rest_busy),
+            Failure::BadData => self.ban(parent),
         }
     }
 
@@ -239,6 +297,10 @@ impl Planner {
         for piece in timed_out {
             self.failed(now, piece, Failure::Unavailable);
         }
+        let mut out = Vec::new();
+        if self.in_flight.len() >= self.config.max_in_flight as usize {
+            return out;
+        }
 
         // A stall hands the streaming window to the registry, so that the client keeps
         // getting bytes while the swarm is slow; only when no peer has delivered anything
@@ -248,74 +310,145 @@ impl Planner {
         let swarm_dead = self.registry_only
             || now.duration_since(self.last_peer_progress) > 2 * self.config.stall_after;
         let stalled = now.duration_since(self.last_progress) > self.config.stall_after;
-        let window_end = self.cursor + self.config.window;
-        let mut out = Vec::new();
-        for piece in self.candidates() {
-            if self.in_flight.len() >= self.config.max_in_flight as usize {
+        // Whether pieces that no parent can serve may still be asked of the registry.
+        let unserved_too = swarm_dead || self.hashes_final;
+        let mut free: Vec<usize> = (0..self.parents.len())
+            .filter(|&at| {
+                let p = &self.parents[at];
+                self.usable(now, p) && p.in_flight < self.config.per_parent
+            })
+            .collect();
+
+        // The streaming window first, in order.
+        let count = self.layout.count();
+        let window_end = (self.cursor + self.config.window).min(count);
+        for i in self.cursor..window_end {
+            let piece = PieceIndex(i);
+            if self.have.contains(piece) || self.requested.contains(piece) {
+                continue;
+            }
+            if !self.consider(now, piece, swarm_dead || stalled, &mut free, &mut out) {
+                return out;
+            }
+        }
+        if free.is_empty() && !unserved_too {
+            return out;
+        }
+
+        // Beyond it, the rarest first. Only the first few are sorted unless more are needed.
+        let mut ranked = std::mem::take(&mut self.ranked);
+        ranked.clear();
+        let everything = PieceSet::full(if unserved_too { count } else { 0 });
+        let universe = if unserved_too {
+            &everything
+        } else {
+            &self.held
+        };
+        let in_window = self.cursor..window_end;
+        ranked.extend(
+            universe
+                .iter_without(&self.have, &self.requested)
+                .filter(|p| !in_window.contains(&p.0) && (unserved_too || p.0 < self.hashes_known))
+                .map(|p| {
+                    let tie = (p.0 + count - self.offset) % count;
+                    (self.holders[p.0 as usize], tie, p)
+                }),
+        );
+        let slots = self.config.max_in_flight as usize - self.in_flight.len();
+        let head = (4 * slots).max(16).min(ranked.len());
+        if head < ranked.len() {
+            ranked.select_nth_unstable(head);
+        }
+        ranked[..head].sort_unstable();
+        for i in 0..ranked.len() {
+            if i == head {
+                ranked[head..].sort_unstable();
+            }
+            if !self.consider(now, ranked[i].2, swarm_dead, &mut free, &mut out)
+                || (free.is_empty() && !unserved_too)
+            {
                 break;
             }
-            let to_registry = swarm_dead || (stalled && piece.0 < window_end);
-            let request = if to_registry {
-                None
-            } else {
-                self.pick_parent(now, piece)
-            };
-            let request = match request {
-                Some(parent) => {
-                    self.parents
-                        .get_mut(&parent)
-                        .expect("picked parent exists")
-                        .in_flight += 1;
-                    self.in_flight.insert(piece, (Source::Peer(parent), now));
-                    Request::Peer { parent, piece }
-                }
-                // Without a supernode nothing new will be learned: a piece that cannot be
-                // checked, or that no remaining parent holds, comes from the registry now.
-                None if to_registry
-                    || (self.hashes_final
-                        && (piece.0 >= self.hashes_known || !self.any_parent_has(piece))) =>
-                {
-                    self.in_flight.insert(piece, (Source::Registry, now));
-                    Request::Registry { piece }
-                }
-                None => continue,
-            };
-            out.push(request);
         }
+        self.ranked = ranked;
         out
     }
 
-    /// Missing pieces not in flight, in the order they should be asked for.
-    fn candidates(&self) -> Vec<PieceIndex> {
-        let count = self.layout.count();
-        let missing = |i: &u32| {
-            !self.have.contains(PieceIndex(*i)) && !self.in_flight.contains_key(&PieceIndex(*i))
+    /// Decides where `piece` comes from, if anywhere yet; false once no more requests fit.
+    fn consider(
+        &mut self,
+        now: Instant,
+        piece: PieceIndex,
+        to_registry: bool,
+        free: &mut Vec<usize>,
+        out: &mut Vec<Request>,
+    ) -> bool {
+        let parent = if to_registry {
+            None
+        } else {
+            self.pick_parent(piece, free)
         };
-        let window_end = (self.cursor + self.config.window).min(count);
-        let mut order: Vec<PieceIndex> = (self.cursor..window_end)
-            .filter(missing)
-            .map(PieceIndex)
-            .collect();
-        let mut rest: Vec<(u32, u32, PieceIndex)> = (0..count)
-            .filter(|i| (*i < self.cursor || *i >= window_end) && missing(i))
-            .map(|i| {
-                let holders = self
-                    .parents
-                    .values()
-                    .filter(|p| !p.banned && p.pieces.contains(PieceIndex(i)))
-                    .count() as u32;
-                (holders, (i + count - self.offset) % count, PieceIndex(i))
-            })
-            .collect();
-        rest.sort_unstable();
-        order.extend(rest.into_iter().map(|(_, _, p)| p));
-        order
+        match parent {
+            Some(at) => {
+                let p = &mut self.parents[at];
+                p.in_flight += 1;
+                let (node, full) = (p.node, p.in_flight >= self.config.per_parent);
+                if full {
+                    free.retain(|&f| f != at);
+                }
+                self.track(piece, Source::Peer(node), now);
+                out.push(Request::Peer {
+                    parent: node,
+                    piece,
+                });
+            }
+            // Without a supernode nothing new will be learned: a piece that cannot be
+            // checked, or that no remaining parent holds, comes from the registry now.
+            None if to_registry
+                || (self.hashes_final
+                    && (piece.0 >= self.hashes_known || self.holders[piece.0 as usize] == 0)) =>
+            {
+                self.track(piece, Source::Registry, now);
+                out.push(Request::Registry { piece });
+            }
+            None => {}
+        }
+        self.in_flight.len() < self.config.max_in_flight as usize
     }
 
-    fn any_parent_has(&self, piece: PieceIndex) -> bool {
-        self.parents
-            .values()
-            .any(|p| !p.banned && p.pieces.contains(piece))
+    fn track(&mut self, piece: PieceIndex, source: Source, now: Instant) {
+        self.in_flight.insert(piece, (source, now));
+        self.requested.insert(piece);
+    }
+
+    fn untrack(&mut self, piece: PieceIndex) -> Option<(Source, Instant)> {
+        self.requested.remove(piece);
+        self.in_flight.remove(&piece)
+    }
+
+    /// Never asks this parent again; its pieces no longer count as held. Its requests in
+    /// flight still end (done or failed) as usual.
+    fn ban(&mut self, node: NodeId) {
+        self.banned.insert(node);
+        if let Some(&at) = self.parent_at.get(&node) {
+            let p = &mut self.parents[at];
+            let pieces = std::mem::replace(&mut p.pieces, PieceSet::empty(0));
+            for piece in pieces.iter() {
+                count_holder(&mut self.holders, &mut self.held, piece, false);
+            }
+        }
+    }
+
+    /// Forgets a parent: its pieces no longer count as held.
+    fn drop_parent(&mut self, at: usize) {
+        let p = self.parents.swap_remove(at);
+        self.parent_at.remove(&p.node);
+        if let Some(moved) = self.parents.get(at) {
+            self.parent_at.insert(moved.node, at);
+        }
+        for piece in p.pieces.iter() {
+            count_holder(&mut self.holders, &mut self.held, piece, false);
+        }
     }
 
     fn spread(&self, parent: NodeId) -> u64 {
@@ -323,26 +456,40 @@ impl Planner {
     }
 
     fn usable(&self, now: Instant, p: &ParentState) -> bool {
-        !p.banned && p.rested_until.is_none_or(|t| now >= t)
+        !self.banned.contains(&p.node) && p.rested_until.is_none_or(|t| now >= t)
     }
 
-    fn pick_parent(&self, now: Instant, piece: PieceIndex) -> Option<NodeId> {
+    /// Among the parents with a free slot, the least busy that holds `piece`.
+    fn pick_parent(&self, piece: PieceIndex, free: &[usize]) -> Option<usize> {
         // A piece whose hash is unknown cannot be checked: it waits for the hash (or goes
         // to the registry, which the whole-blob sha256 covers).
-        if piece.0 >= self.hashes_known {
+        if piece.0 >= self.hashes_known || self.holders[piece.0 as usize] == 0 {
             return None;
         }
-        self.parents
-            .iter()
-            .filter(|(_, p)| {
-                self.usable(now, p)
-                    && p.in_flight < self.config.per_parent
-                    && p.pieces.contains(piece)
-            })
+        free.iter()
+            .copied()
+            .filter(|&at| self.parents[at].pieces.contains(piece))
             // Least busy first; ties broken differently on every node, or all nodes would
             // crowd the same parent (the one with the lowest id).
-            .min_by_key(|(id, p)| (p.in_flight, self.spread(**id)))
-            .map(|(id, _)| *id)
+            .min_by_key(|&at| {
+                let p = &self.parents[at];
+                (p.in_flight, self.spread(p.node))
+            })
+    }
+}
+
+fn count_holder(holders: &mut [u32], held: &mut PieceSet, piece: PieceIndex, added: bool) {
+    let Some(n) = holders.get_mut(piece.0 as usize) else {
+        return;
+    };
+    if added {
+        *n += 1;
+        held.insert(piece);
+    } else {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            held.remove(piece);
+        }
     }
 }
 
@@ -609,6 +756,44 @@ mod tests {
                     piece: PieceIndex(3)
                 }
             ]
+        );
+    }
+
+    #[test]
+    fn stale_parents_are_forgotten_banned_ones_stay_banned() {
+        let (mut p, now) = planner(20);
+        p.offer(vec![parent(1, 20, 0..20), parent(2, 20, 0..20)]);
+        let reqs = p.next_requests(now);
+        let Request::Peer { parent: bad, piece } = reqs[0] else {
+            panic!()
+        };
+        p.failed(now, piece, Failure::BadData);
+        for r in &reqs[1..] {
+            if let Request::Peer { piece, .. } = r {
+                p.done(now, *piece);
+            }
+        }
+        // Parent 3 alone for a few offers: 1 and 2 are forgotten, and piece 12 (which
+        // only they held) is no longer planned.
+        for _ in 0..FORGET_AFTER_OFFERS {
+            p.offer(vec![parent(3, 20, (0..20).filter(|i| *i != 12))]);
+        }
+        assert_eq!(p.parents.len(), 1);
+        let reqs = p.next_requests(now);
+        assert_eq!(reqs.len(), 4, "per_parent requests to parent 3: {reqs:?}");
+        assert!(
+            reqs.iter()
+                .all(|r| matches!(r, Request::Peer { parent: NodeId(3), piece } if piece.0 != 12)),
+            "{reqs:?}"
+        );
+        // The parent that sent bad data is never taken back, whatever the supernode says.
+        p.offer(vec![parent(1, 20, 0..20), parent(2, 20, 0..20)]);
+        let more = p.next_requests(now);
+        assert!(!more.is_empty(), "the good one is back");
+        assert!(
+            more.iter()
+                .all(|r| matches!(r, Request::Peer { parent, .. } if *parent != bad)),
+            "{more:?}"
         );
     }
 

@@ -136,18 +136,90 @@ impl PieceSet {
         if other.count != self.count || other.bits.len() != self.bits.len() {
             return self.len();
         }
-        self.bits
+        // Eight bytes at a time: the scheduler runs this for every holder it considers.
+        let word = |c: &[u8]| u64::from_le_bytes(c.try_into().expect("8 bytes"));
+        let (a, b) = (self.bits.chunks_exact(8), other.bits.chunks_exact(8));
+        let tail: u32 = a
+            .remainder()
             .iter()
-            .zip(&other.bits)
+            .zip(b.remainder())
             .map(|(a, b)| (a & !b).count_ones())
-            .sum()
+            .sum();
+        a.zip(b)
+            .map(|(a, b)| (word(a) & !word(b)).count_ones())
+            .sum::<u32>()
+            + tail
+    }
+
+    /// Removes a piece (indices past the end are ignored).
+    pub fn remove(&mut self, i: PieceIndex) {
+        if i.0 >= self.count {
+            return;
+        }
+        if let Some(b) = self.bits.get_mut(i.0 as usize / 8) {
+            *b &= !(1 << (i.0 % 8));
+        }
+    }
+
+    /// This set's pieces that are in neither `a` nor `b`, lowest first; a set of another
+    /// size counts as empty. Skips eight pieces at a time, for sets that are mostly full or
+    /// mostly empty.
+    pub fn iter_without<'a>(
+        &'a self,
+        a: &'a PieceSet,
+        b: &'a PieceSet,
+    ) -> impl Iterator<Item = PieceIndex> + 'a {
+        let byte = |s: &PieceSet, i: usize| {
+            if s.count == self.count {
+                s.bits.get(i).copied().unwrap_or(0)
+            } else {
+                0
+            }
+        };
+        let bytes = self.bits.iter().enumerate();
+        bytes.flat_map(move |(i, own)| ones(i, own & !byte(a, i) & !byte(b, i)))
+    }
+
+    /// How `self` became `new`: each piece added (`true`) or removed (`false`). A set of
+    /// another size counts as empty.
+    pub fn changes<'a>(
+        &'a self,
+        new: &'a PieceSet,
+    ) -> impl Iterator<Item = (PieceIndex, bool)> + 'a {
+        let same = self.count == new.count;
+        let len = self.bits.len().max(new.bits.len());
+        (0..len).flat_map(move |i| {
+            let old = if same {
+                self.bits.get(i).copied().unwrap_or(0)
+            } else {
+                0
+            };
+            let now = new.bits.get(i).copied().unwrap_or(0);
+            let mut m = old ^ now;
+            std::iter::from_fn(move || {
+                (m != 0).then(|| {
+                    let bit = m.trailing_zeros();
+                    m &= m - 1;
+                    (PieceIndex(i as u32 * 8 + bit), now & (1 << bit) != 0)
+                })
+            })
+        })
     }
 
     pub fn iter(&self) -> impl Iterator<Item = PieceIndex> + '_ {
-        (0..self.count)
-            .map(PieceIndex)
-            .filter(|i| self.contains(*i))
+        self.bits.iter().enumerate().flat_map(|(i, b)| ones(i, *b))
     }
+}
+
+/// The pieces whose bits are set in byte `i` of a set.
+fn ones(i: usize, mut byte: u8) -> impl Iterator<Item = PieceIndex> {
+    std::iter::from_fn(move || {
+        (byte != 0).then(|| {
+            let bit = byte.trailing_zeros();
+            byte &= byte - 1;
+            PieceIndex(i as u32 * 8 + bit)
+        })
+    })
 }
 
 /// A node the supernode suggests as a source of pieces.
@@ -326,6 +398,40 @@ mod tests {
             "a bit past the last piece"
         );
         assert_eq!(PieceSet::full(10).iter().count(), 10);
+    }
+
+    fn set(count: u32, pieces: &[u32]) -> PieceSet {
+        let mut s = PieceSet::empty(count);
+        pieces.iter().for_each(|i| s.insert(PieceIndex(*i)));
+        s
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn iter_without_and_changes_agree_with_contains(
+            count in 1u32..200,
+            picks in proptest::collection::vec((0u32..200, 0u8..4), 0..300),
+        ) {
+            let pick = |k: u8| set(count, &picks.iter().filter(|(_, w)| *w == k).map(|(i, _)| *i).collect::<Vec<_>>());
+            let (own, a, b) = (pick(0), pick(1), pick(2));
+            let slow: Vec<PieceIndex> = own.iter().filter(|i| !a.contains(*i) && !b.contains(*i)).collect();
+            proptest::prop_assert_eq!(own.iter_without(&a, &b).collect::<Vec<_>>(), slow);
+            let not_in_a = own.iter().filter(|i| !a.contains(*i)).count() as u32;
+            proptest::prop_assert_eq!(own.count_not_in(&a), not_in_a);
+            let mut applied = own.clone();
+            for (i, added) in own.changes(&a) {
+                proptest::prop_assert_eq!(added, a.contains(i));
+                if added { applied.insert(i) } else { applied.remove(i) }
+            }
+            proptest::prop_assert_eq!(&applied, &a);
+        }
+    }
+
+    #[test]
+    fn sets_of_another_size_count_as_empty() {
+        let (own, other) = (set(10, &[1, 2]), set(12, &[1]));
+        assert_eq!(own.iter_without(&other, &other).count(), 2);
+        assert_eq!(PieceSet::empty(0).changes(&own).count(), 2);
     }
 
     #[test]

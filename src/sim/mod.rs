@@ -4,8 +4,7 @@
 //! the real daemon [`Planner`] make every decision, on a virtual clock. What the drivers
 //! do around them is reproduced here as the daemon and supernode do it:
 //! - a node says hello to every supernode, asks the blob's supernode (rendezvous order)
-//!   for the task, and asks again every 50 ms while the seed is still publishing hashes
-//!   (the real supernode holds the question until it has more), every 200 ms after;
+//!   for the task, and asks again every 200 ms, or 25 ms after it found nothing to fetch;
 //!   each question first announces the pieces got since the last (batched `Have`);
 //! - the first `Want` of a blob starts the seed: it fetches the blob from the registry
 //!   piece after piece and each piece is at once offered by the scheduler;
@@ -120,8 +119,7 @@ impl SimArgs {
     }
 }
 
-/// Questions to the supernode while hashes are still coming, and after.
-const HASH_POLL: f64 = 0.050;
+/// Questions to the supernode: every REFRESH, sooner when hungry (as the daemon asks).
 const REFRESH: f64 = 0.200;
 /// The supernode's housekeeping: connected peers are kept, silent ones expire.
 const HOUSEKEEPING: f64 = 5.0;
@@ -532,12 +530,7 @@ impl Sim {
         let planner = p.planner.as_mut().expect("joined");
         planner.hashes_known(hashes);
         planner.offer(parents);
-        let again = if hashes < blob.layout.count() {
-            HASH_POLL
-        } else {
-            REFRESH
-        };
-        let at = tick(t + again);
+        let at = tick(t + REFRESH);
         self.pulls[pull as usize].next_ask = at;
         self.asks.push(std::cmp::Reverse((at, pull)));
         if start_seed {

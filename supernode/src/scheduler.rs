@@ -21,9 +21,12 @@
 //!   seed for the newest pieces and the seed's upload sets the pace of the whole swarm
 //!   (`shoal sim` showed it: 100 nodes, no byte from peers).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 
-use indexmap::IndexMap;
+// Fast hashing with a random seed per map: node ids and digests come from the network.
+use foldhash::{HashMap, HashMapExt, HashSet};
+
+use indexmap::{IndexMap, IndexSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -54,16 +57,20 @@ impl Default for SchedulerConfig {
             max_uploads_per_parent: 8,
             load_window: Duration::from_secs(2),
             peer_timeout: Duration::from_secs(30),
-            sample: 128,
+            sample: 32,
             seed_offer: 2,
         }
     }
 }
 
+/// Holders looked at per decision, as a multiple of [`SchedulerConfig::sample`].
+pub const SCAN_PER_SAMPLE: usize = 4;
+
 #[derive(Debug)]
 struct Peer {
     addr: SocketAddr,
-    zone: String,
+    /// Index into [`Scheduler::zones`] (decisions compare zones for every candidate).
+    zone: usize,
     last_seen: Instant,
     handouts: VecDeque<Instant>,
 }
@@ -76,8 +83,10 @@ pub const SEED_OFFER_HOLD: Duration = Duration::from_millis(300);
 #[derive(Debug)]
 struct Task {
     layout: PieceLayout,
-    holders: IndexMap<NodeId, PieceSet>,
-    /// Where the next decision's sample of holders starts.
+    holders: IndexMap<NodeId, PieceSet, foldhash::fast::RandomState>,
+    /// Holders other than seeds with at least one piece: the ones worth scanning.
+    stocked: IndexSet<NodeId, foldhash::fast::RandomState>,
+    /// Where the next decision's sample of `stocked` starts.
     cursor: usize,
     /// Per piece: holders other than seeds.
     available: Vec<u32>,
@@ -93,7 +102,8 @@ impl Task {
         let count = layout.count() as usize;
         Task {
             layout,
-            holders: IndexMap::new(),
+            holders: IndexMap::default(),
+            stocked: IndexSet::default(),
             cursor: 0,
             available: vec![0; count],
             seed_offered: vec![None; count],
@@ -104,6 +114,7 @@ impl Task {
 
     fn remove_holder(&mut self, node: &NodeId, is_seed: bool) {
         self.seed_gifts.remove(node);
+        self.stocked.swap_remove(node);
         if let Some(set) = self.holders.swap_remove(node)
             && !is_seed
         {
@@ -136,6 +147,8 @@ pub struct Scheduler {
     banned: HashSet<NodeId>,
     seeds: HashSet<NodeId>,
     tasks: HashMap<BlobDigest, Task>,
+    /// Zone names seen in hellos.
+    zones: indexmap::IndexSet<String, foldhash::fast::RandomState>,
 }
 
 impl Scheduler {
@@ -163,9 +176,10 @@ impl Scheduler {
         if self.banned.contains(&node) {
             return Err(ScheduleError::Banned(node));
         }
+        let (zone, _) = self.zones.insert_full(zone);
         let peer = self.peers.entry(node).or_insert_with(|| Peer {
             addr,
-            zone: zone.clone(),
+            zone,
             last_seen: now,
             handouts: VecDeque::new(),
         });
@@ -257,6 +271,9 @@ impl Scheduler {
                     task.available[p.0 as usize] += 1;
                 }
             }
+        }
+        if !is_seed && !pieces.is_empty() {
+            task.stocked.insert(node);
         }
         Ok(())
     }
@@ -356,11 +373,7 @@ impl Scheduler {
         };
         let empty = PieceSet::empty(count);
         let mine = task.holders.get(&asker).unwrap_or(&empty);
-        let asker_zone = self
-            .peers
-            .get(&asker)
-            .map(|p| p.zone.clone())
-            .unwrap_or_default();
+        let asker_zone = self.peers.get(&asker).map_or(usize::MAX, |p| p.zone);
         let (timeout, window, cap) = (
             self.config.peer_timeout,
             self.config.load_window,
@@ -373,39 +386,44 @@ impl Scheduler {
                 && task.seed_sent[i].is_none_or(|t| now.duration_since(t) > window)
         };
 
-        // Holders from a rotating start until `sample` useful ones are found (so a decision
-        // costs about the same with 100 or 100,000 peers), and the seeds wherever they are.
-        let n = task.holders.len();
+        // The seeds, then holders with pieces from a rotating start until `sample` useful
+        // ones are found (so a decision costs about the same with 100 or 100,000 peers).
+        let n = task.stocked.len();
         let start = task.cursor % n.max(1);
-        let seeds: Vec<usize> = self
+        let seeds: Vec<NodeId> = self
             .seeds
             .iter()
-            .filter_map(|s| task.holders.get_index_of(s))
+            .filter(|s| task.holders.contains_key(*s))
+            .copied()
             .collect();
-        let order = seeds.iter().copied().chain(
-            (start..start + n)
-                .map(|i| i % n)
-                .filter(|i| !seeds.contains(i)),
-        );
+        let order = seeds
+            .iter()
+            .copied()
+            .chain((start..start + n).map(|i| task.stocked[i % n]));
         let mut candidates: Vec<(bool, bool, usize, u32, NodeId)> = Vec::new();
-        let mut scanned = 0;
-        for i in order {
+        let mut scanned: usize = 0;
+        // Seeds always, then at most `SCAN_PER_SAMPLE * sample` holders: late in a pull
+        // many hold nothing the asker lacks, and scanning all of them would make every
+        // decision cost the whole swarm.
+        let scan_limit = seeds.len() + SCAN_PER_SAMPLE * self.config.sample;
+        for node in order.take(scan_limit) {
             if candidates.len() >= self.config.sample {
                 break;
             }
             scanned += 1;
-            let Some((node, pieces)) = task.holders.get_index(i) else {
+            let Some(pieces) = task.holders.get(&node) else {
                 continue;
             };
-            let Some(peer) = self.peers.get_mut(node) else {
+            let Some(peer) = self.peers.get_mut(&node) else {
                 continue;
             };
-            if *node == asker || now.duration_since(peer.last_seen) > timeout {
+            if node == asker || now.duration_since(peer.last_seen) > timeout {
                 continue;
             }
-            let useful = if self.seeds.contains(node) && seed_quota == 0 {
+            let is_seed = self.seeds.contains(&node);
+            let useful = if is_seed && seed_quota == 0 {
                 0
-            } else if self.seeds.contains(node) {
+            } else if is_seed {
                 pieces
                     .iter()
                     .filter(|p| !mine.contains(*p) && seed_may_offer(*p, task))
@@ -430,10 +448,10 @@ impl Scheduler {
                 peer.zone != asker_zone,
                 load,
                 u32::MAX - useful,
-                *node,
+                node,
             ));
         }
-        task.cursor = (start + scanned) % n.max(1);
+        task.cursor = (start + scanned.saturating_sub(seeds.len())) % n.max(1);
         candidates.sort();
         let chosen: Vec<NodeId> = candidates
             .iter()
@@ -667,7 +685,7 @@ mod tests {
             .iter()
             .map(|p| p.node)
             .collect();
-        assert_eq!(ids, HashSet::from([NodeId(2), NodeId(3)]));
+        assert_eq!(ids, HashSet::from_iter([NodeId(2), NodeId(3)]));
         assert_eq!(
             s.hello(clock.now(), NodeId(1), "a".into(), addr(1)),
             Err(ScheduleError::Banned(NodeId(1)))
