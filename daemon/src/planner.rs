@@ -116,9 +116,9 @@ pub struct Planner {
     offers: u64,
     /// Parents that sent bad data or are gone: never asked again.
     banned: HashSet<NodeId>,
-    /// How many parents that are not banned hold each piece, and the pieces at least one
-    /// holds: kept as offers come, so that a plan costs little when thousands run at once
-    /// (`shoal sim`).
+    /// How many parents that are not banned hold each piece this node lacks, and the
+    /// pieces at least one holds: kept as offers come, so that a plan costs little when
+    /// thousands run at once (`shoal sim`). Counts of pieces this node has are stale.
     holders: Vec<u32>,
     held: PieceSet,
     /// Pieces below this have been handed to the client.
@@ -184,7 +184,8 @@ impl Planner {
             });
             let state = &mut self.parents[at];
             state.offered = self.offers;
-            for (piece, added) in state.pieces.changes(&p.pieces) {
+            // Pieces this node has are left out: their counts no longer matter.
+            for (piece, added) in state.pieces.changes(&p.pieces, &self.have) {
                 count_holder(&mut self.holders, &mut self.held, piece, added);
             }
             state.pieces = p.pieces;
@@ -433,7 +434,7 @@ impl Planner {
         if let Some(&at) = self.parent_at.get(&node) {
             let p = &mut self.parents[at];
             let pieces = std::mem::replace(&mut p.pieces, PieceSet::empty(0));
-            for piece in pieces.iter() {
+            for piece in pieces.iter_without(&self.have, &self.have) {
                 count_holder(&mut self.holders, &mut self.held, piece, false);
             }
         }
@@ -446,7 +447,7 @@ impl Planner {
         if let Some(moved) = self.parents.get(at) {
             self.parent_at.insert(moved.node, at);
         }
-        for piece in p.pieces.iter() {
+        for piece in p.pieces.iter_without(&self.have, &self.have) {
             count_holder(&mut self.holders, &mut self.held, piece, false);
         }
     }

@@ -180,22 +180,23 @@ impl PieceSet {
         bytes.flat_map(move |(i, own)| ones(i, own & !byte(a, i) & !byte(b, i)))
     }
 
-    /// How `self` became `new`: each piece added (`true`) or removed (`false`). A set of
-    /// another size counts as empty.
+    /// How `self` became `new`, leaving out pieces in `except`: each piece added (`true`)
+    /// or removed (`false`). A set of another size than `new` counts as empty.
     pub fn changes<'a>(
         &'a self,
         new: &'a PieceSet,
+        except: &'a PieceSet,
     ) -> impl Iterator<Item = (PieceIndex, bool)> + 'a {
-        let same = self.count == new.count;
-        let len = self.bits.len().max(new.bits.len());
-        (0..len).flat_map(move |i| {
-            let old = if same {
-                self.bits.get(i).copied().unwrap_or(0)
+        let byte = |s: &PieceSet, i: usize| {
+            if s.count == new.count {
+                s.bits.get(i).copied().unwrap_or(0)
             } else {
                 0
-            };
-            let now = new.bits.get(i).copied().unwrap_or(0);
-            let mut m = old ^ now;
+            }
+        };
+        (0..new.bits.len()).flat_map(move |i| {
+            let (old, now) = (byte(self, i), new.bits[i]);
+            let mut m = (old ^ now) & !byte(except, i);
             std::iter::from_fn(move || {
                 (m != 0).then(|| {
                     let bit = m.trailing_zeros();
@@ -419,7 +420,8 @@ mod tests {
             let not_in_a = own.iter().filter(|i| !a.contains(*i)).count() as u32;
             proptest::prop_assert_eq!(own.count_not_in(&a), not_in_a);
             let mut applied = own.clone();
-            for (i, added) in own.changes(&a) {
+            let none = PieceSet::empty(0);
+            for (i, added) in own.changes(&a, &none) {
                 proptest::prop_assert_eq!(added, a.contains(i));
                 if added { applied.insert(i) } else { applied.remove(i) }
             }
@@ -431,7 +433,8 @@ mod tests {
     fn sets_of_another_size_count_as_empty() {
         let (own, other) = (set(10, &[1, 2]), set(12, &[1]));
         assert_eq!(own.iter_without(&other, &other).count(), 2);
-        assert_eq!(PieceSet::empty(0).changes(&own).count(), 2);
+        assert_eq!(PieceSet::empty(0).changes(&own, &other).count(), 2);
+        assert_eq!(own.changes(&set(10, &[2, 3]), &set(10, &[3])).count(), 1);
     }
 
     #[test]
