@@ -119,7 +119,7 @@ pub struct Planner {
     /// How many parents that are not banned hold each piece this node lacks, and the
     /// pieces at least one holds: kept as offers come, so that a plan costs little when
     /// thousands run at once (`shoal sim`). Counts of pieces this node has are stale.
-    holders: Vec<u32>,
+    holders: Vec<u16>,
     held: PieceSet,
     /// Pieces below this have been handed to the client.
     cursor: u32,
@@ -134,7 +134,7 @@ pub struct Planner {
     /// registry at once; peers still serve the pieces that can be checked.
     hashes_final: bool,
     /// Reused space for ranking pieces: (holders, tie-break, piece).
-    ranked: Vec<(u32, u32, PieceIndex)>,
+    ranked: Vec<(u16, u32, PieceIndex)>,
 }
 
 impl Planner {
@@ -479,12 +479,12 @@ impl Planner {
     }
 }
 
-fn count_holder(holders: &mut [u32], held: &mut PieceSet, piece: PieceIndex, added: bool) {
+fn count_holder(holders: &mut [u16], held: &mut PieceSet, piece: PieceIndex, added: bool) {
     let Some(n) = holders.get_mut(piece.0 as usize) else {
         return;
     };
     if added {
-        *n += 1;
+        *n = n.saturating_add(1);
         held.insert(piece);
     } else {
         *n = n.saturating_sub(1);

@@ -216,12 +216,24 @@ pub fn run(args: &SimArgs) -> anyhow::Result<Run> {
     anyhow::ensure!(step > 0.0, "--step-ms must be positive");
 
     let mut sim = Sim::new(&args, step)?;
-    let shoal = sim.run(lower_bound);
+    // The baseline is independent of the swarm: it runs on another core meanwhile.
+    let (shoal, direct) = std::thread::scope(|scope| {
+        let direct = args
+            .baseline
+            .iter()
+            .any(|b| b == "direct")
+            .then(|| scope.spawn(|| direct(&args, step)));
+        let shoal = sim.run(lower_bound);
+        (
+            shoal,
+            direct.map(|d| d.join().expect("the direct baseline panicked")),
+        )
+    });
     let mut baselines = BTreeMap::new();
-    if args.baseline.iter().any(|b| b == "direct") {
+    if let Some(direct) = direct {
         baselines.insert(
             "direct".to_owned(),
-            direct(&args, step).finish(args.image_size, lower_bound),
+            direct.finish(args.image_size, lower_bound),
         );
     }
     Ok(Run {

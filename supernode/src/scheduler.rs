@@ -411,15 +411,9 @@ impl Scheduler {
                 break;
             }
             scanned += 1;
-            let Some(pieces) = task.holders.get(&node) else {
+            let Some(pieces) = task.holders.get(&node).filter(|_| node != asker) else {
                 continue;
             };
-            let Some(peer) = self.peers.get_mut(&node) else {
-                continue;
-            };
-            if node == asker || now.duration_since(peer.last_seen) > timeout {
-                continue;
-            }
             let is_seed = self.seeds.contains(&node);
             let useful = if is_seed && seed_quota == 0 {
                 0
@@ -434,6 +428,14 @@ impl Scheduler {
             if useful == 0 {
                 continue;
             }
+            // The peer's state only now: most holders late in a pull are not useful.
+            let Some(peer) = self
+                .peers
+                .get_mut(&node)
+                .filter(|p| now.duration_since(p.last_seen) <= timeout)
+            else {
+                continue;
+            };
             while peer
                 .handouts
                 .front()
