@@ -115,6 +115,10 @@ impl P2pFetch<'_> {
             None;
         let mut registry_failures = 0;
         let mut prefix = 0u32;
+        // The blob's sha256 over the pieces that arrived in order, as they arrive (the
+        // rest is read back at the end): most of the second pass over the blob is saved.
+        let mut sha = Some(Sha256::new());
+        let mut hashed = 0u32;
         let mut fell_back = false;
         loop {
             for request in planner.next_requests(Instant::now()) {
@@ -160,12 +164,21 @@ impl P2pFetch<'_> {
                     let offset = layout.range(done.piece).map_err(anyhow::Error::from)?.start;
                     let file = self.partial.file().clone();
                     let len = bytes.len as u64;
+                    let mut in_order = sha.take_if(|_| done.piece.0 == hashed);
                     let written = tokio::task::spawn_blocking(move || {
-                        bytes.write_at(&file, offset)
+                        if let Some(sha) = in_order.as_mut() {
+                            bytes.chunks.iter().for_each(|c| sha.update(c));
+                        }
+                        bytes.write_at(&file, offset).map(|()| in_order)
                     })
                     .await;
-                    if let Err(e) = written.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
-                        return Ok(Verdict::Interrupted(format!("store write: {e}")));
+                    match written.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+                        Ok(Some(advanced)) => {
+                            sha = Some(advanced);
+                            hashed += 1;
+                        }
+                        Ok(None) => {}
+                        Err(e) => return Ok(Verdict::Interrupted(format!("store write: {e}"))),
                     }
                     let source = match done.from {
                         From::Peer(_, addr) if addr == supernode => Source::Seed,
@@ -255,7 +268,16 @@ impl P2pFetch<'_> {
         if let Some(asking) = asking {
             asking.abort();
         }
-        Ok(self.verify().await)
+        let (sha, from) = match sha {
+            Some(sha) => {
+                let from = layout
+                    .range(PieceIndex(hashed))
+                    .map_or(layout.blob_len(), |r| r.start);
+                (sha, from)
+            }
+            None => (Sha256::new(), 0),
+        };
+        Ok(self.verify(sha, from).await)
     }
 
     fn lock_pieces(&self) -> std::sync::MutexGuard<'_, Option<(PieceLayout, PieceSet)>> {
@@ -314,14 +336,14 @@ impl P2pFetch<'_> {
         }
     }
 
-    /// Reads the whole blob back and checks its sha256.
-    async fn verify(&self) -> Verdict {
+    /// Reads the blob back from `from` on, into `hasher` (which holds the bytes before
+    /// it), and checks the sha256.
+    async fn verify(&self, mut hasher: Sha256, from: u64) -> Verdict {
         let file = self.partial.file().clone();
         let (len, digest) = (self.req.len, self.req.digest);
         let checked = tokio::task::spawn_blocking(move || {
-            let mut hasher = Sha256::new();
             let mut buf = vec![0u8; 1 << 20];
-            let mut pos = 0u64;
+            let mut pos = from;
             while pos < len {
                 let n = (len - pos).min(buf.len() as u64) as usize;
                 std::os::unix::fs::FileExt::read_exact_at(&*file, &mut buf[..n], pos)?;
