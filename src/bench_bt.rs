@@ -10,7 +10,7 @@
 //! tracker allows, 1 MiB pieces (the common choice for images of this size).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail, ensure};
@@ -61,21 +61,12 @@ fn spawn_in(
     env: Option<(&str, &Path)>,
     log: &Path,
 ) -> anyhow::Result<Proc> {
-    let out = std::fs::File::create(log)?;
-    let wrap = lab.wrap(host);
-    let mut cmd = Command::new(&wrap[0]);
-    cmd.args(&wrap[1..])
-        .arg(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out);
+    let mut cmd = lab.command(host, program);
+    cmd.args(args);
     if let Some((key, value)) = env {
         cmd.env(key, value);
     }
-    Ok(Proc(cmd.spawn().with_context(|| {
-        format!("starting {}", program.display())
-    })?))
+    Proc::spawn_logged(cmd, log)
 }
 
 /// Runs the baseline on `nodes` (host indices of `lab`) with host 0 as the seed host;

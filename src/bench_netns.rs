@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 
-use crate::bench_scale::{REPO, ScaleOutArgs, TAG};
+use crate::bench_scale::{REPO, ScaleOutArgs, TAG, wait_healthy};
 use crate::image::Image;
 use crate::netns::Lab;
 use crate::report::{Outcome, Run};
@@ -26,34 +26,13 @@ const PEER_PORT: u16 = 7000;
 const MIRROR_PORT: u16 = 5050;
 
 fn spawn_in(lab: &Lab, host: usize, args: &[String], log: &Path) -> anyhow::Result<Proc> {
-    let out = std::fs::File::create(log)?;
-    let wrap = lab.wrap(host);
-    let child = std::process::Command::new(&wrap[0])
-        .args(&wrap[1..])
-        .arg(std::env::current_exe()?)
-        .args(args)
-        .env("SHOAL_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .spawn()
-        .context("starting a process in a namespace")?;
-    Ok(Proc(child))
+    let mut cmd = lab.command(host, &std::env::current_exe()?);
+    cmd.args(args).env("SHOAL_LOG", "warn");
+    Proc::spawn_logged(cmd, log)
 }
 
-async fn wait_healthy(client: &reqwest::Client, url: &str, log: &Path) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(r) = client.get(url).send().await
-            && r.status().is_success()
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let tail = std::fs::read_to_string(log).unwrap_or_default();
-    bail!("{url} did not answer within 30 s; its log says:\n{tail}")
-}
+/// Processes in namespaces start slower than on loopback.
+const HEALTHY_WITHIN: Duration = Duration::from_secs(30);
 
 fn strs(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| (*s).to_owned()).collect()
@@ -114,6 +93,7 @@ pub async fn scale_out(args: &ScaleOutArgs, image: &Image) -> anyhow::Result<Run
             &client,
             &format!("http://{addr}:{SUPERNODE_API_PORT}/healthz"),
             &log,
+            HEALTHY_WITHIN,
         )
         .await?;
         if s == 0 {
@@ -152,6 +132,7 @@ pub async fn scale_out(args: &ScaleOutArgs, image: &Image) -> anyhow::Result<Run
             &client,
             &format!("http://{addr}:{MIRROR_PORT}/healthz"),
             &log,
+            HEALTHY_WITHIN,
         )
         .await?;
     }

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -221,21 +221,23 @@ impl Node {
     }
 }
 
+/// How long a started process has to answer its health check.
+pub(crate) const HEALTHY_WITHIN: Duration = Duration::from_secs(20);
+
 fn spawn_self(args: &[String], log: &Path) -> anyhow::Result<Proc> {
-    let out = std::fs::File::create(log)?;
-    let child = Command::new(std::env::current_exe()?)
-        .args(args)
-        .env("SHOAL_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .spawn()
-        .context("starting a swarm process")?;
-    Ok(Proc(child))
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(args).env("SHOAL_LOG", "warn");
+    Proc::spawn_logged(cmd, log)
 }
 
-async fn wait_healthy(client: &reqwest::Client, url: &str, log: &Path) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+/// Waits until `url` answers 2xx; after `within`, fails with the tail of `log`.
+pub(crate) async fn wait_healthy(
+    client: &reqwest::Client,
+    url: &str,
+    log: &Path,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         if let Ok(r) = client.get(url).send().await
             && r.status().is_success()
@@ -245,7 +247,7 @@ async fn wait_healthy(client: &reqwest::Client, url: &str, log: &Path) -> anyhow
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let tail = std::fs::read_to_string(log).unwrap_or_default();
-    bail!("{url} did not answer within 20 s; its log says:\n{tail}")
+    bail!("{url} did not answer within {within:?}; its log says:\n{tail}")
 }
 
 impl Swarm {
@@ -288,7 +290,13 @@ impl Swarm {
             .map(str::to_owned)
             .to_vec();
             supernodes.push(spawn_self(&argv, &log)?);
-            wait_healthy(client, &format!("http://{api}/healthz"), &log).await?;
+            wait_healthy(
+                client,
+                &format!("http://{api}/healthz"),
+                &log,
+                HEALTHY_WITHIN,
+            )
+            .await?;
             if k == 0 {
                 token = std::fs::read_to_string(data.join("join-token"))?
                     .trim()
@@ -321,7 +329,13 @@ impl Swarm {
                 argv.extend(["--supernode".to_owned(), q.clone()]);
             }
             let proc = spawn_self(&argv, &log)?;
-            wait_healthy(client, &format!("http://{addr}/healthz"), &log).await?;
+            wait_healthy(
+                client,
+                &format!("http://{addr}/healthz"),
+                &log,
+                HEALTHY_WITHIN,
+            )
+            .await?;
             nodes.push(Node { addr, _proc: proc });
         }
         Ok(Swarm {

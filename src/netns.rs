@@ -5,6 +5,7 @@
 //! dropped, also after an error or Ctrl-C (the caller returns, the lab drops).
 
 use std::net::Ipv4Addr;
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context as _, bail};
@@ -118,6 +119,13 @@ impl Lab {
     /// The command prefix that runs a program in host `k`'s namespace.
     pub fn wrap(&self, k: usize) -> Vec<String> {
         vec!["ip".into(), "netns".into(), "exec".into(), self.ns(k)]
+    }
+
+    /// A command that runs `program` in host `k`'s namespace.
+    pub fn command(&self, k: usize, program: &Path) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(k)]).arg(program);
+        cmd
     }
 
     /// Bytes host `k` has sent on its link so far.

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use shoal_proto::BlobDigest;
 
 /// Generous bound for anything that should take seconds: it only catches hangs.
@@ -56,6 +57,21 @@ fn http_ok(url: &str) -> bool {
 
 /// A child process killed (SIGKILL) and reaped when dropped.
 pub struct Proc(pub Child);
+
+impl Proc {
+    /// Starts `cmd` with stdin closed and its output going to `log`.
+    pub fn spawn_logged(mut cmd: Command, log: &Path) -> anyhow::Result<Proc> {
+        let out = std::fs::File::create(log)?;
+        let what = format!("{:?}", cmd.get_program());
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {what}"))?;
+        Ok(Proc(child))
+    }
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
