@@ -161,7 +161,7 @@ async fn corrupting_peer(
     len: u64,
 ) -> (shoal_transport::Endpoint, quinn::Connection) {
     use shoal_proto::frame;
-    use shoal_proto::message::{NodeId, Origin, StreamKind, ToSupernode};
+    use shoal_proto::message::{NodeId, Origin, StreamKind, ToSupernode, Uploads};
     let me = NodeId(0xbad);
     let endpoint =
         shoal_transport::Endpoint::bind("127.0.0.1:0".parse().unwrap(), &sn.ca.issue(me).unwrap())
@@ -205,6 +205,7 @@ async fn corrupting_peer(
         ToSupernode::Have {
             digest,
             pieces: layout.pieces().collect(),
+            uploads: Uploads::default(),
         },
     ] {
         let (mut send, mut recv) = conn.open_bi().await.unwrap();

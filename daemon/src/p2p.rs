@@ -29,6 +29,10 @@ pub const REFRESH: Duration = Duration::from_millis(200);
 /// it lacks, as far as it knows, and fresh answers are what it needs (`shoal sim`, 100
 /// nodes x 256 MiB at 1 Gbit/s: p50 1.58 x S/B at 25 ms, 1.98 x at 50 ms, 2.5 x at 200 ms).
 pub const HUNGRY_ASK: Duration = Duration::from_millis(25);
+/// How often new pieces are announced to the supernode (with how busy this node's upload
+/// is): others learn of them this soon, not at the next question (`shoal sim`, 1,000 nodes
+/// x 256 MiB at 1 Gbit/s, with the upload report: p50 1.46 x S/B, 1.68 x without either).
+pub const ANNOUNCE_EVERY: Duration = Duration::from_millis(20);
 /// Deadline for one piece from a peer.
 const PIECE_DEADLINE: Duration = Duration::from_secs(10);
 /// The error of a piece request a peer answered with "busy".
@@ -108,6 +112,8 @@ impl P2pFetch<'_> {
         let mut announce = Vec::new();
         let mut refresh = tokio::time::interval(REFRESH);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut announce_tick = tokio::time::interval(ANNOUNCE_EVERY);
+        announce_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // At most one question to the supernode at a time, and never in the way of pieces:
         // a supernode that stops answering must not slow the download.
         let mut supernode_lost = false;
@@ -200,6 +206,9 @@ impl P2pFetch<'_> {
                     let written = layout.range(PieceIndex(prefix)).map_or(layout.blob_len(), |r| r.start);
                     self.tx.send_replace(FlightState::Running { written });
                 }
+                _ = announce_tick.tick(), if !announce.is_empty() => {
+                    self.announce(supernode, std::mem::take(&mut announce));
+                }
                 // Ask every REFRESH, or soon when there is nothing to fetch (for example
                 // because the hashes known are all fetched): the supernode holds such an
                 // answer until the seed has more. Asking as each new hash appears would
@@ -212,8 +221,7 @@ impl P2pFetch<'_> {
                     }
                 }, if asking.is_none() => {
                     if !announce.is_empty() {
-                        let pieces = std::mem::take(&mut announce);
-                        self.swarm.notify(supernode, ToSupernode::Have { digest: req.digest, pieces });
+                        self.announce(supernode, std::mem::take(&mut announce));
                     }
                     let msg = ToSupernode::Want {
                         digest: req.digest,
@@ -256,13 +264,7 @@ impl P2pFetch<'_> {
             }
         }
         if !announce.is_empty() {
-            self.swarm.notify(
-                supernode,
-                ToSupernode::Have {
-                    digest: req.digest,
-                    pieces: announce,
-                },
-            );
+            self.announce(supernode, announce);
         }
         jobs.abort_all();
         if let Some(asking) = asking {
@@ -278,6 +280,16 @@ impl P2pFetch<'_> {
             None => (Sha256::new(), 0),
         };
         Ok(self.verify(sha, from).await)
+    }
+
+    /// Tells the supernode of new pieces, and how busy this node's upload is.
+    fn announce(&self, supernode: SocketAddr, pieces: Vec<PieceIndex>) {
+        let msg = ToSupernode::Have {
+            digest: self.req.digest,
+            pieces,
+            uploads: self.swarm.uploads(),
+        };
+        self.swarm.notify(supernode, msg);
     }
 
     fn lock_pieces(&self) -> std::sync::MutexGuard<'_, Option<(PieceLayout, PieceSet)>> {

@@ -39,7 +39,8 @@ pub struct PlannerConfig {
     pub rest: Duration,
     /// How long a parent that answered "busy" (at its upload limit) is not asked: short,
     /// since its slots free as pieces finish (`shoal sim`: 5 s here made 100 nodes take
-    /// 11 s instead of 6.6 s for a 256 MiB image at 1 Gbit/s).
+    /// 11 s instead of 6.6 s for a 256 MiB image at 1 Gbit/s; with the supernode told of
+    /// full uploads, 1,000 nodes x 256 MiB took p50 1.52 x S/B at 50 ms, 1.60 x at 200).
     pub rest_busy: Duration,
     /// No progress for this long: the streaming window comes from the registry; no piece
     /// from a peer for twice as long: everything does.
@@ -54,7 +55,7 @@ impl Default for PlannerConfig {
             window: 8,
             piece_timeout: Duration::from_secs(10),
             rest: Duration::from_secs(5),
-            rest_busy: Duration::from_millis(200),
+            rest_busy: Duration::from_millis(50),
             stall_after: Duration::from_secs(10),
         }
     }

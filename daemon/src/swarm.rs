@@ -14,7 +14,7 @@ use anyhow::{Context as _, bail};
 use sha2::{Digest as _, Sha256};
 use shoal_proto::BlobDigest;
 use shoal_proto::frame::{self, FrameDecoder, MAX_FRAME};
-use shoal_proto::message::{FromSupernode, NodeId, Origin, StreamKind, ToSupernode};
+use shoal_proto::message::{FromSupernode, NodeId, Origin, StreamKind, ToSupernode, Uploads};
 use shoal_transport::ca::{self, NodeIdentity};
 use shoal_transport::pieces::{PieceLookup, UploadLimits, serve_pieces};
 use shoal_transport::rate::ByteRate;
@@ -50,8 +50,8 @@ pub struct Swarm {
     conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
     /// Held while a connection is being made.
     connecting: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
-    pub max_upload_peers: usize,
-    upload_rate: u64,
+    /// Pieces sent to peers at once, and their pace (`--max-upload-peers`, `--upload-rate`).
+    uploads: Arc<UploadLimits>,
     /// Paces piece requests to peers (`--download-rate`).
     pub download_rate: Option<ByteRate>,
     /// The store whose whole blobs are announced to supernodes.
@@ -73,8 +73,7 @@ impl Swarm {
             supernodes: config.supernodes.clone(),
             conns: Mutex::default(),
             connecting: Mutex::default(),
-            max_upload_peers: config.max_upload_peers,
-            upload_rate: config.upload_rate,
+            uploads: UploadLimits::new(config.max_upload_peers, config.upload_rate),
             download_rate: ByteRate::new(config.download_rate),
             holdings: std::sync::OnceLock::new(),
         }))
@@ -82,11 +81,15 @@ impl Swarm {
 
     /// Serves pieces to peers until the endpoint closes.
     pub async fn serve(self: Arc<Self>, lookup: PieceLookup) {
-        let uploads = UploadLimits::new(self.max_upload_peers, self.upload_rate);
         while let Some((conn, node)) = self.endpoint.accept().await {
             tracing::debug!(node = node.0, "peer connected");
-            tokio::spawn(serve_pieces(conn, lookup.clone(), uploads.clone()));
+            tokio::spawn(serve_pieces(conn, lookup.clone(), self.uploads.clone()));
         }
+    }
+
+    /// How busy the node's upload is now (reported to supernodes with new pieces).
+    pub fn uploads(&self) -> Uploads {
+        self.uploads.now()
     }
 
     /// A connection to `addr`, reused while it lives. A new connection to a supernode

@@ -16,7 +16,7 @@ use crate::digest::BlobDigest;
 use crate::piece::{PieceHash, PieceIndex, PieceLayout};
 
 /// The protocol version, as negotiated by ALPN.
-pub const ALPN: &[u8] = b"shoal/1";
+pub const ALPN: &[u8] = b"shoal/2";
 
 /// The first byte of every bidirectional stream says what it carries: a control request
 /// (to a supernode) or a piece request (to any node, the seed included).
@@ -231,6 +231,20 @@ pub struct Parent {
     pub pieces: PieceSet,
 }
 
+/// How busy a node's upload is: pieces it is sending now, of at most `slots` at once (over
+/// that it answers "busy"). The supernode hands out full nodes last.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Uploads {
+    pub sending: u16,
+    pub slots: u16,
+}
+
+impl Uploads {
+    pub fn is_full(&self) -> bool {
+        self.sending >= self.slots
+    }
+}
+
 /// From a daemon to its supernode.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ToSupernode {
@@ -249,10 +263,11 @@ pub enum ToSupernode {
         origin: Origin,
         known_hashes: u32,
     },
-    /// The node now holds these pieces (batched).
+    /// The node now holds these pieces (batched), and is this busy uploading.
     Have {
         digest: BlobDigest,
         pieces: Vec<PieceIndex>,
+        uploads: Uploads,
     },
     /// `peer` sent a piece that failed its hash.
     BadPiece {

@@ -5,7 +5,8 @@
 //! do around them is reproduced here as the daemon and supernode do it:
 //! - a node says hello to every supernode, asks the blob's supernode (rendezvous order)
 //!   for the task, and asks again every 200 ms, or 25 ms after it found nothing to fetch;
-//!   each question first announces the pieces got since the last (batched `Have`);
+//!   new pieces are announced every 20 ms and before each question (batched `Have`), with
+//!   how many of the node's upload slots are taken;
 //! - the first `Want` of a blob starts the seed: it fetches the blob from the registry
 //!   piece after piece and each piece is at once offered by the scheduler;
 //! - a piece from a parent that left, or whose flow was cut, is a failed request
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng as _, SeedableRng as _};
 use shoal_daemon::planner::{Failure, Planner, PlannerConfig, Request};
-use shoal_proto::message::NodeId;
+use shoal_proto::message::{NodeId, Uploads};
 use shoal_proto::{BlobDigest, PieceIndex, PieceLayout};
 use shoal_supernode::{Scheduler, SchedulerConfig};
 
@@ -128,6 +129,13 @@ const SEED_ID_BASE: u64 = 1 << 40;
 /// default and the supernode's seed limit.
 const NODE_UPLOADS: u16 = 4;
 const SEED_UPLOADS: u16 = 8;
+
+fn uploads(sending: u16) -> Uploads {
+    Uploads {
+        sending,
+        slots: NODE_UPLOADS,
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Src {
@@ -397,6 +405,8 @@ impl Sim {
         let sample_every = (lower_bound / 200.0).max(self.step);
         let mut next_sample = 0.0;
         let mut next_housekeeping = HOUSEKEEPING;
+        let announce_every = shoal_daemon::p2p::ANNOUNCE_EVERY.as_secs_f64();
+        let mut next_announce = announce_every;
         let mut series = Vec::new();
         let mut done = Vec::new();
         let mut t = 0.0;
@@ -417,6 +427,10 @@ impl Sim {
             if self.dies_at.is_some_and(|d| d <= t) {
                 self.dies_at = None;
                 self.supernode_dies(t, 0);
+            }
+            if t >= next_announce {
+                next_announce += announce_every;
+                self.announce_all(t);
             }
             if t >= next_housekeeping {
                 next_housekeeping += HOUSEKEEPING;
@@ -523,6 +537,8 @@ impl Sim {
         if !p.haves.is_empty() {
             let _ = sn.scheduler.have(now, id, &blob.digest, &p.haves);
             p.haves.clear();
+            let sending = self.uploads[p.node as usize];
+            sn.scheduler.uploads(now, id, uploads(sending));
         }
         let mut start_seed = false;
         if !p.asked {
@@ -756,6 +772,26 @@ impl Sim {
             } else {
                 self.move_to_next_supernode(pull as u32);
             }
+        }
+    }
+
+    /// Every pull with new pieces announces them (and its node's upload slots).
+    fn announce_all(&mut self, t: f64) {
+        let now = self.now(t);
+        for (pull, p) in self.pulls.iter_mut().enumerate() {
+            if p.haves.is_empty() || p.lost {
+                continue;
+            }
+            let sn = &mut self.sns[p.sn];
+            if !sn.alive {
+                continue;
+            }
+            let id = node_id(p.node);
+            let digest = &self.blobs[p.blob as usize].digest;
+            let _ = sn.scheduler.have(now, id, digest, &p.haves);
+            p.haves.clear();
+            sn.scheduler
+                .uploads(now, id, uploads(self.uploads[pull / self.blobs.len()]));
         }
     }
 

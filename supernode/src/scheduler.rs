@@ -11,6 +11,8 @@
 //! - look at a bounded sample of holders per decision ([`SchedulerConfig::sample`],
 //!   rotating through all of them across decisions) plus every seed, so that a decision
 //!   costs the same with 100 or 100,000 peers in a task;
+//! - a peer whose last report (at most [`UPLOADS_FRESH`] old) says its upload slots are
+//!   all taken comes after every other: it would only answer "busy";
 //! - spread upload load: a peer already handed out `max_uploads_per_parent` times within the
 //!   load window is skipped while others remain;
 //! - prefer the asker's zone, then the least loaded, then the one with most useful pieces;
@@ -31,7 +33,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use shoal_proto::message::NodeId;
-use shoal_proto::message::{Parent, PieceSet};
+use shoal_proto::message::{Parent, PieceSet, Uploads};
 use shoal_proto::{BlobDigest, PieceIndex, PieceLayout};
 
 #[derive(Debug, Clone)]
@@ -73,7 +75,14 @@ struct Peer {
     zone: usize,
     last_seen: Instant,
     handouts: VecDeque<Instant>,
+    /// Its upload slots were all taken at this time, as it last reported.
+    full_at: Option<Instant>,
 }
+
+/// How long a node's report of full upload slots counts. Nodes report with each batch of
+/// new pieces (every few ms while they download); a node that has everything reports no
+/// more, and is tried again once this passes.
+pub const UPLOADS_FRESH: Duration = Duration::from_millis(500);
 
 /// How long a seed's offer of a piece to one asker keeps it from other askers. Short: an
 /// asker busy elsewhere must not leave the seed idle; once the seed sends the piece
@@ -182,6 +191,7 @@ impl Scheduler {
             zone,
             last_seen: now,
             handouts: VecDeque::new(),
+            full_at: None,
         });
         (peer.addr, peer.zone, peer.last_seen) = (addr, zone, now);
         Ok(())
@@ -203,6 +213,13 @@ impl Scheduler {
     pub fn keep_alive(&mut self, now: Instant, node: NodeId) {
         if let Some(peer) = self.peers.get_mut(&node) {
             peer.last_seen = now;
+        }
+    }
+
+    /// A node reported how busy its upload is.
+    pub fn uploads(&mut self, now: Instant, node: NodeId, uploads: Uploads) {
+        if let Some(peer) = self.peers.get_mut(&node) {
+            peer.full_at = uploads.is_full().then_some(now);
         }
     }
 
@@ -400,7 +417,7 @@ impl Scheduler {
             .iter()
             .copied()
             .chain((start..start + n).map(|i| task.stocked[i % n]));
-        let mut candidates: Vec<(bool, bool, usize, u32, NodeId)> = Vec::new();
+        let mut candidates: Vec<(bool, bool, bool, usize, u32, NodeId)> = Vec::new();
         let mut scanned: usize = 0;
         // Seeds always, then at most `SCAN_PER_SAMPLE * sample` holders: late in a pull
         // many hold nothing the asker lacks, and scanning all of them would make every
@@ -444,8 +461,13 @@ impl Scheduler {
                 peer.handouts.pop_front();
             }
             let load = peer.handouts.len();
-            // Sort key: under the cap first, same zone first, least loaded, most useful.
+            let full = peer
+                .full_at
+                .is_some_and(|t| now.duration_since(t) <= UPLOADS_FRESH);
+            // Sort key: free upload slots first, under the cap first, same zone first,
+            // least loaded, most useful.
             candidates.push((
+                full && !is_seed,
                 load >= cap,
                 peer.zone != asker_zone,
                 load,
@@ -458,7 +480,7 @@ impl Scheduler {
         let chosen: Vec<NodeId> = candidates
             .iter()
             .take(self.config.parents_per_answer)
-            .map(|c| c.4)
+            .map(|c| c.5)
             .collect();
         let mut parents = Vec::with_capacity(chosen.len());
         for node in chosen {
@@ -670,6 +692,58 @@ mod tests {
             parents.len(),
             3,
             "after the window every holder is free again"
+        );
+    }
+
+    #[test]
+    fn peers_with_full_uploads_come_last_until_their_report_is_old() {
+        let (mut s, mut clock, d, layout) = setup(12, |_| "a");
+        for i in 0..10 {
+            s.have(clock.now(), NodeId(i), &d, &all(&layout)).unwrap();
+        }
+        let full = Uploads {
+            sending: 4,
+            slots: 4,
+        };
+        for i in 0..8 {
+            s.uploads(clock.now(), NodeId(i), full);
+        }
+        s.uploads(
+            clock.now(),
+            NodeId(8),
+            Uploads {
+                sending: 3,
+                slots: 4,
+            },
+        );
+        let first: Vec<NodeId> = s.parents(clock.now(), NodeId(10), &d).unwrap()[..2]
+            .iter()
+            .map(|p| p.node)
+            .collect();
+        assert!(
+            first.contains(&NodeId(8)) && first.contains(&NodeId(9)),
+            "the two with free slots first: {first:?}"
+        );
+        // A slot freed and reported: no longer last.
+        s.uploads(
+            clock.now(),
+            NodeId(0),
+            Uploads {
+                sending: 1,
+                slots: 4,
+            },
+        );
+        let parents = s.parents(clock.now(), NodeId(11), &d).unwrap();
+        assert!(
+            parents[..3].iter().any(|p| p.node == NodeId(0)),
+            "{parents:?}"
+        );
+        // Reports that old say nothing: every holder is a candidate on its other merits.
+        clock.advance(UPLOADS_FRESH + Duration::from_millis(1));
+        let parents = s.parents(clock.now(), NodeId(10), &d).unwrap();
+        assert!(
+            (1..8).contains(&parents[0].node.0),
+            "the least handed out comes first again: {parents:?}"
         );
     }
 

@@ -292,11 +292,16 @@ async fn control(
             origin,
             known_hashes,
         } => Some(want(state, node, now, digest, len, &origin, known_hashes).await),
-        ToSupernode::Have { digest, pieces } => {
-            state
-                .scheduler()
+        ToSupernode::Have {
+            digest,
+            pieces,
+            uploads,
+        } => {
+            let mut scheduler = state.scheduler();
+            scheduler
                 .have(now, node, &digest, &pieces)
                 .map_err(|e| e.to_string())?;
+            scheduler.uploads(now, node, uploads);
             None
         }
         ToSupernode::BadPiece { peer, .. } => {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use shoal_proto::frame::{self, FrameDecoder, FrameError};
-use shoal_proto::message::{PeerReply, PeerRequest, StreamKind};
+use shoal_proto::message::{PeerReply, PeerRequest, StreamKind, Uploads};
 use shoal_proto::{BlobDigest, PieceIndex};
 
 /// Longest a peer may take to answer a request header.
@@ -163,6 +163,8 @@ pub async fn stream_kind(recv: &mut quinn::RecvStream) -> Option<StreamKind> {
 pub struct UploadLimits {
     pub slots: tokio::sync::Semaphore,
     pub rate: Option<crate::rate::ByteRate>,
+    /// `slots`' size.
+    total: usize,
 }
 
 impl UploadLimits {
@@ -170,7 +172,17 @@ impl UploadLimits {
         Arc::new(Self {
             slots: tokio::sync::Semaphore::new(slots),
             rate: crate::rate::ByteRate::new(bytes_per_second),
+            total: slots,
         })
+    }
+
+    /// Pieces being sent now, of at most how many.
+    pub fn now(&self) -> Uploads {
+        let clamp = |n: usize| u16::try_from(n).unwrap_or(u16::MAX);
+        Uploads {
+            sending: clamp(self.total.saturating_sub(self.slots.available_permits())),
+            slots: clamp(self.total),
+        }
     }
 }
 
