@@ -47,7 +47,7 @@ pub async fn scale_out(args: &ScaleOutArgs, image: &Image) -> anyhow::Result<Run
         crate::report::human_bytes(bw) + "/s"
     );
     let lab = tokio::task::block_in_place(|| Lab::create(hosts, bw))?;
-    let dir = tempfile::tempdir()?;
+    let (_tmp, dir) = crate::bench_scale::work_dir(args)?;
     let client = reqwest::Client::new();
     let image_bytes = image.blob_bytes();
 
@@ -57,7 +57,7 @@ pub async fn scale_out(args: &ScaleOutArgs, image: &Image) -> anyhow::Result<Run
     let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
     crate::testbed::tool("docker-registry");
     let registry = tokio::task::block_in_place(|| {
-        Registry::start_at(&dir.path().join("registry"), &[], &registry_addr, &wrap)
+        Registry::start_at(&dir.join("registry"), &[], &registry_addr, &wrap)
     });
     crate::registry::push(&registry.url(), REPO, TAG, image, None).await?;
 
@@ -68,15 +68,15 @@ pub async fn scale_out(args: &ScaleOutArgs, image: &Image) -> anyhow::Result<Run
     for s in 0..args.supernodes {
         let host = 1 + s;
         let addr = lab.addr(host);
-        let data = dir.path().join(format!("supernode-{s}"));
+        let data = dir.join(format!("supernode-{s}"));
         if s > 0 {
-            let first = dir.path().join("supernode-0");
+            let first = dir.join("supernode-0");
             std::fs::create_dir_all(data.join("ca"))?;
             for file in ["ca/ca.pem", "ca/ca.key", "join-token"] {
                 std::fs::copy(first.join(file), data.join(file))?;
             }
         }
-        let log = dir.path().join(format!("supernode-{s}.log"));
+        let log = dir.join(format!("supernode-{s}.log"));
         let argv = strs(&[
             "__supernode",
             "--listen",
@@ -109,8 +109,8 @@ pub async fn scale_out(args: &ScaleOutArgs, image: &Image) -> anyhow::Result<Run
     for i in 0..args.nodes {
         let host = first_node + i;
         let addr = lab.addr(host);
-        let data = dir.path().join(format!("node-{i}"));
-        let log = dir.path().join(format!("node-{i}.log"));
+        let data = dir.join(format!("node-{i}"));
+        let log = dir.join(format!("node-{i}.log"));
         let mut argv = strs(&[
             "__shoald",
             "--listen",
@@ -175,8 +175,7 @@ pub async fn scale_out(args: &ScaleOutArgs, image: &Image) -> anyhow::Result<Run
         // Generous: four times what the registry's own link needs to serve everyone.
         let deadline = Duration::from_secs_f64(60.0 + 4.0 * args.nodes as f64 * lower_bound);
         let bt =
-            crate::bench_bt::run_baseline(&lab, &nodes, image, dir.path(), deadline, lower_bound)
-                .await?;
+            crate::bench_bt::run_baseline(&lab, &nodes, image, &dir, deadline, lower_bound).await?;
         baselines.insert("bittorrent".to_owned(), bt.finish(image_bytes, lower_bound));
     }
     drop(registry);

@@ -57,6 +57,11 @@ pub struct ScaleOutArgs {
     /// Write an HTML report with SVG plots into this directory
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Keep every process's data directory and log (node-N.log, supernode-N.log) in this
+    /// directory, for reading after the run (default: a temporary one, removed at the end;
+    /// `SHOAL_LOG=shoal_daemon=debug` makes the logs say more)
+    #[arg(long)]
+    pub keep: Option<PathBuf>,
 }
 
 pub(crate) const REPO: &str = "bench/scale-out";
@@ -85,6 +90,31 @@ impl ScaleOutArgs {
     }
 }
 
+/// The run's work directory: `--keep DIR`, or a temporary one (removed when the guard
+/// drops).
+pub(crate) fn work_dir(
+    args: &ScaleOutArgs,
+) -> anyhow::Result<(Option<tempfile::TempDir>, PathBuf)> {
+    match &args.keep {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating --keep directory {}", dir.display()))?;
+            ensure!(
+                std::fs::read_dir(dir)?.next().is_none(),
+                "--keep directory {} is not empty: give a new one",
+                dir.display()
+            );
+            eprintln!("work directory (data and logs, kept): {}", dir.display());
+            Ok((None, dir.clone()))
+        }
+        None => {
+            let tmp = tempfile::tempdir().context("creating a work directory")?;
+            let path = tmp.path().to_owned();
+            Ok((Some(tmp), path))
+        }
+    }
+}
+
 /// Where the image is served from.
 enum Origin {
     Embedded { _server: crate::origin::Origin },
@@ -95,7 +125,7 @@ enum Origin {
 pub async fn scale_out(args: &ScaleOutArgs) -> anyhow::Result<Run> {
     args.check()?;
     let started = Instant::now();
-    let dir = tempfile::tempdir().context("creating a work directory")?;
+    let (_tmp, dir) = work_dir(args)?;
     let per_layer = (args.image_size / args.layers as u64) as usize;
     let specs: Vec<LayerSpec> = (0..args.layers)
         .map(|_| LayerSpec::Random { size: per_layer })
@@ -111,7 +141,7 @@ pub async fn scale_out(args: &ScaleOutArgs) -> anyhow::Result<Run> {
     let image_bytes = image.blob_bytes();
     let client = reqwest::Client::new();
 
-    let (origin, upstream) = start_origin(args, &image, dir.path()).await?;
+    let (origin, upstream) = start_origin(args, &image, &dir).await?;
     let tap = Tap::start(upstream).await?;
     let ns = tap.addr.to_string();
     eprintln!(
@@ -125,7 +155,7 @@ pub async fn scale_out(args: &ScaleOutArgs) -> anyhow::Result<Run> {
         image.layers.len() + 1
     );
 
-    let swarm = Swarm::start(args, dir.path(), &ns, &client).await?;
+    let swarm = Swarm::start(args, &dir, &ns, &client).await?;
     eprintln!(
         "swarm: {} supernode(s), {} nodes; pulling {REPO}:{TAG} on all nodes at once",
         args.supernodes, args.nodes

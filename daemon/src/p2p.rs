@@ -33,6 +33,12 @@ pub const HUNGRY_ASK: Duration = Duration::from_millis(25);
 /// is): others learn of them this soon, not at the next question (`shoal sim`, 1,000 nodes
 /// x 256 MiB at 1 Gbit/s, with the upload report: p50 1.46 x S/B, 1.68 x without either).
 pub const ANNOUNCE_EVERY: Duration = Duration::from_millis(20);
+/// Questions in a row the supernode may fail before the pull goes on without it. One late
+/// answer is no reason: on a saturated link a control stream can wait seconds behind lost
+/// packets (`shoal bench --netns`, 20 nodes at 50 mbit: one 3 s timeout sent a pull's
+/// unhashed pieces, and through the shared connection every other pull's, to the registry).
+/// Meanwhile peers keep serving what has hashes, and a stall still reaches the registry.
+const SUPERNODE_FAILURES: u32 = 3;
 /// Deadline for one piece from a peer.
 const PIECE_DEADLINE: Duration = Duration::from_secs(10);
 /// The error of a piece request a peer answered with "busy".
@@ -117,6 +123,7 @@ impl P2pFetch<'_> {
         // At most one question to the supernode at a time, and never in the way of pieces:
         // a supernode that stops answering must not slow the download.
         let mut supernode_lost = false;
+        let mut supernode_failures = 0;
         let mut asking: Option<tokio::task::JoinHandle<anyhow::Result<Option<FromSupernode>>>> =
             None;
         let mut registry_failures = 0;
@@ -237,6 +244,7 @@ impl P2pFetch<'_> {
                     match answer.unwrap_or_else(|e| Err(e.into())) {
                         Ok(Some(FromSupernode::Task { hashes: more, parents, .. })) => {
                             supernode_lost = false;
+                            supernode_failures = 0;
                             if more.len() > hashes.len() && more.len() <= layout.count() as usize {
                                 hashes = more;
                                 planner.hashes_known(hashes.len() as u32);
@@ -249,6 +257,10 @@ impl P2pFetch<'_> {
                             planner.registry_only();
                         }
                         Ok(None) => {}
+                        Err(e) if !supernode_lost && supernode_failures + 1 < SUPERNODE_FAILURES => {
+                            supernode_failures += 1;
+                            tracing::info!(%supernode, error = %e, failures = supernode_failures, "supernode did not answer; asking again");
+                        }
                         Err(e) => {
                             tracing::warn!(%supernode, error = %e, "supernode lost mid-pull; pieces it had not hashed come from the registry");
                             self.swarm.forget(supernode);

@@ -14,7 +14,9 @@ use anyhow::{Context as _, bail};
 use sha2::{Digest as _, Sha256};
 use shoal_proto::BlobDigest;
 use shoal_proto::frame::{self, FrameDecoder, MAX_FRAME};
-use shoal_proto::message::{FromSupernode, NodeId, Origin, StreamKind, ToSupernode, Uploads};
+use shoal_proto::message::{
+    CONTROL_PRIORITY, FromSupernode, NodeId, Origin, StreamKind, ToSupernode, Uploads,
+};
 use shoal_transport::ca::{self, NodeIdentity};
 use shoal_transport::pieces::{PieceLookup, UploadLimits, serve_pieces};
 use shoal_transport::rate::ByteRate;
@@ -237,6 +239,7 @@ async fn exchange(
 ) -> anyhow::Result<Option<FromSupernode>> {
     tokio::time::timeout(CONTROL_TIMEOUT, async {
         let (mut send, mut recv) = conn.open_bi().await?;
+        let _ = send.set_priority(CONTROL_PRIORITY);
         send.write_all(&[StreamKind::Control as u8]).await?;
         send.write_all(&frame::encode(msg)).await?;
         send.finish()?;

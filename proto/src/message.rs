@@ -18,6 +18,9 @@ use crate::piece::{PieceHash, PieceIndex, PieceLayout};
 /// The protocol version, as negotiated by ALPN.
 pub const ALPN: &[u8] = b"shoal/2";
 
+/// QUIC send priority of control streams, above piece streams (0) on the same connection.
+pub const CONTROL_PRIORITY: i32 = 1;
+
 /// The first byte of every bidirectional stream says what it carries: a control request
 /// (to a supernode) or a piece request (to any node, the seed included).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

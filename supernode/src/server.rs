@@ -15,7 +15,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
 use shoal_proto::frame::{self, FrameDecoder, MAX_FRAME};
-use shoal_proto::message::{FromSupernode, NodeId, StreamKind, ToSupernode};
+use shoal_proto::message::{CONTROL_PRIORITY, FromSupernode, NodeId, StreamKind, ToSupernode};
 use shoal_proto::{PieceIndex, PieceLayout};
 use shoal_registry_proxy::{Upstream, UpstreamConfig};
 use shoal_transport::pieces::{PieceLookup, answer_piece, stream_kind};
@@ -259,6 +259,9 @@ async fn control(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<(), String> {
+    // Answers go before the seed's piece bytes on the same connection: a node waits on
+    // them, and they are small.
+    let _ = send.set_priority(CONTROL_PRIORITY);
     let bytes = recv
         .read_to_end(MAX_FRAME as usize)
         .await
