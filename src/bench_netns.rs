@@ -27,7 +27,8 @@ const MIRROR_PORT: u16 = 5050;
 
 fn spawn_in(lab: &Lab, host: usize, args: &[String], log: &Path) -> anyhow::Result<Proc> {
     let mut cmd = lab.command(host, &std::env::current_exe()?);
-    cmd.args(args).env("SHOAL_LOG", "warn");
+    cmd.args(args)
+        .env("SHOAL_LOG", crate::bench_scale::child_log_filter());
     Proc::spawn_logged(cmd, log)
 }
 

@@ -254,9 +254,14 @@ impl Node {
 /// How long a started process has to answer its health check.
 pub(crate) const HEALTHY_WITHIN: Duration = Duration::from_secs(20);
 
+/// What the swarm's processes log: `SHOAL_LOG` as given to the bench, else warnings.
+pub(crate) fn child_log_filter() -> String {
+    std::env::var("SHOAL_LOG").unwrap_or_else(|_| "warn".to_owned())
+}
+
 fn spawn_self(args: &[String], log: &Path) -> anyhow::Result<Proc> {
     let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.args(args).env("SHOAL_LOG", "warn");
+    cmd.args(args).env("SHOAL_LOG", child_log_filter());
     Proc::spawn_logged(cmd, log)
 }
 

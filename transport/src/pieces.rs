@@ -256,7 +256,19 @@ pub async fn answer_piece(
     send.write_chunk(Bytes::from(piece))
         .await
         .map_err(|e| PieceError::Stream(e.to_string()))?;
-    send.finish().map_err(|e| PieceError::Stream(e.to_string()))
+    send.finish()
+        .map_err(|e| PieceError::Stream(e.to_string()))?;
+    // The slot is taken until the peer has the bytes, not until quinn has buffered them:
+    // otherwise a node takes piece after piece into its send buffer, all share its link,
+    // and each takes so long that askers give up (`shoal bench --netns`, 20 nodes at 50
+    // mbit: 157 pieces abandoned after 10 s).
+    // Either way the slot is free: all bytes acknowledged, the peer stopped reading (it
+    // drops the stream once it has the piece's bytes), or the connection is gone.
+    tokio::time::timeout(REQUEST_TIMEOUT, send.stopped())
+        .await
+        .map_err(|_| PieceError::Timeout(REQUEST_TIMEOUT))?
+        .map(|_| ())
+        .map_err(|e| PieceError::Stream(e.to_string()))
 }
 
 #[cfg(test)]
