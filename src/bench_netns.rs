@@ -157,7 +157,7 @@ pub async fn scale_out(args: &ScaleOutArgs, image: &Image) -> anyhow::Result<Run
     shoal.registry_egress_bytes = registry.blob_bytes_sent() - egress_before;
     for &host in &nodes {
         let url = format!("http://{}:{MIRROR_PORT}/metrics", lab.addr(host));
-        let metrics = client.get(url).send().await?.text().await?;
+        let metrics = metrics_of(&client, &url).await?;
         shoal.peer_bytes += crate::demo::fetched_from(&metrics, "Peer");
         shoal.seed_bytes += crate::demo::fetched_from(&metrics, "Seed");
         shoal.fallback_bytes += crate::demo::fetched_from(&metrics, "Registry");
@@ -196,6 +196,25 @@ pub async fn scale_out(args: &ScaleOutArgs, image: &Image) -> anyhow::Result<Run
 
 /// Starts one puller per node host, tells them all to go at once, and collects their
 /// times; `from` is (base URL, `ns`), `ns` empty for a direct pull.
+/// A node's `/metrics`. A pooled connection the daemon has just closed fails the first
+/// request; a fresh one is tried before giving up.
+async fn metrics_of(client: &reqwest::Client, url: &str) -> anyhow::Result<String> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match client
+            .get(url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+        {
+            Ok(response) => return Ok(response.text().await?),
+            Err(e) if tries < 3 => tracing::debug!(%url, error = %e, "metrics: trying again"),
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("reading {url}"))),
+        }
+    }
+}
+
 async fn pull_all(
     lab: &Lab,
     hosts: &[usize],

@@ -83,9 +83,15 @@ impl Swarm {
 
     /// Serves pieces to peers until the endpoint closes.
     pub async fn serve(self: Arc<Self>, lookup: PieceLookup) {
-        while let Some((conn, node)) = self.endpoint.accept().await {
-            tracing::debug!(node = node.0, "peer connected");
-            tokio::spawn(serve_pieces(conn, lookup.clone(), self.uploads.clone()));
+        while let Some(accepting) = self.endpoint.incoming().await {
+            let (lookup, uploads) = (lookup.clone(), self.uploads.clone());
+            tokio::spawn(async move {
+                let Some((conn, node)) = accepting.established().await else {
+                    return;
+                };
+                tracing::debug!(node = node.0, "peer connected");
+                serve_pieces(conn, lookup, uploads).await;
+            });
         }
     }
 

@@ -101,19 +101,45 @@ impl Endpoint {
         Ok((conn, node))
     }
 
-    /// Accepts the next authenticated connection; `None` once the endpoint is closed.
-    /// Handshake failures are logged and skipped.
+    /// The next connection attempt, before its handshake; `None` once the endpoint is
+    /// closed. A server completes each handshake in a task of its own
+    /// ([`Accepting::established`]): a handshake waits for the peer's packets (up to the
+    /// idle timeout, 30 s), and one peer on a congested link must not hold up the others.
+    pub async fn incoming(&self) -> Option<Accepting> {
+        self.inner.accept().await.map(Accepting)
+    }
+
+    /// Accepts the next authenticated connection, one handshake at a time (for tools and
+    /// tests that expect one peer; servers use [`Endpoint::incoming`]); `None` once the
+    /// endpoint is closed. Handshake failures are logged and skipped.
     pub async fn accept(&self) -> Option<(quinn::Connection, NodeId)> {
         loop {
-            let incoming = self.inner.accept().await?;
-            let remote = incoming.remote_address();
-            match incoming
-                .await
-                .map_err(TransportError::from)
-                .and_then(|c| peer_node(&c).map(|n| (c, n)))
-            {
-                Ok(accepted) => return Some(accepted),
-                Err(e) => tracing::warn!(%remote, error = %e, "refused a peer"),
+            if let Some(accepted) = self.incoming().await?.established().await {
+                return Some(accepted);
+            }
+        }
+    }
+}
+
+/// A connection attempt a server has received.
+#[derive(Debug)]
+pub struct Accepting(quinn::Incoming);
+
+impl Accepting {
+    /// Completes the handshake and checks the peer's certificate; a failure is logged and
+    /// gives `None`.
+    pub async fn established(self) -> Option<(quinn::Connection, NodeId)> {
+        let remote = self.0.remote_address();
+        match self
+            .0
+            .await
+            .map_err(TransportError::from)
+            .and_then(|c| peer_node(&c).map(|n| (c, n)))
+        {
+            Ok(accepted) => Some(accepted),
+            Err(e) => {
+                tracing::warn!(%remote, error = %e, "refused a peer");
+                None
             }
         }
     }
@@ -215,6 +241,58 @@ mod tests {
         assert_eq!(recv.read_to_end(1024).await.unwrap(), b"piece");
         conn.close(0u32.into(), b"done");
         assert_eq!(server.await.unwrap(), NodeId(2));
+    }
+
+    /// A peer that sends its first handshake packet and nothing more (its link dropped
+    /// everything after): the server must still accept others meanwhile.
+    #[tokio::test]
+    async fn a_stalled_handshake_does_not_hold_up_other_peers() {
+        let ca = ClusterCa::generate().unwrap();
+        let server = Endpoint::bind(local(), &ca.issue(NodeId(1)).unwrap()).unwrap();
+        let server_addr = server.local_addr().unwrap();
+        let accepted = tokio::spawn(async move {
+            let mut peers = Vec::new();
+            while let Some(accepting) = server.incoming().await {
+                let (tx, peer) = tokio::sync::oneshot::channel();
+                tokio::spawn(async move {
+                    if let Some((conn, node)) = accepting.established().await {
+                        let _ = tx.send((conn, node));
+                    }
+                });
+                peers.push(peer);
+                if peers.len() == 2 {
+                    return peers.pop().unwrap().await.map(|(_, node)| node);
+                }
+            }
+            panic!("the endpoint closed");
+        });
+        // A one-way relay: the staller's first datagram reaches the server, nothing else
+        // does in either direction.
+        let relay = tokio::net::UdpSocket::bind(local()).await.unwrap();
+        let relay_addr = relay.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            let (n, _) = relay.recv_from(&mut buf).await.unwrap();
+            relay.send_to(&buf[..n], server_addr).await.unwrap();
+            while relay.recv_from(&mut buf).await.is_ok() {}
+        });
+        let staller = Endpoint::bind(local(), &ca.issue(NodeId(2)).unwrap()).unwrap();
+        let stalled = tokio::spawn(async move { staller.connect(relay_addr).await.map(|_| ()) });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+        let good = Endpoint::bind(local(), &ca.issue(NodeId(3)).unwrap()).unwrap();
+        let deadline = std::time::Duration::from_secs(5);
+        let (_conn, who) = tokio::time::timeout(deadline, good.connect(server_addr))
+            .await
+            .expect("a good peer waited behind a stalled handshake")
+            .unwrap();
+        assert_eq!(who, NodeId(1));
+        let node = tokio::time::timeout(deadline, accepted)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(node, Ok(NodeId(3)));
+        stalled.abort();
     }
 
     #[tokio::test]

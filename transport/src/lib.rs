@@ -15,4 +15,4 @@ pub mod pieces;
 pub mod rate;
 
 pub use ca::{ClusterCa, JoinToken, NodeIdentity};
-pub use endpoint::{Endpoint, TransportError};
+pub use endpoint::{Accepting, Endpoint, TransportError};
