@@ -7,7 +7,7 @@
 //!
 //! Tuned for a fair fight on a LAN: no DHT or local discovery (the tracker knows everyone),
 //! peer exchange on, re-announce every 2 s so that nodes find each other as fast as the
-//! tracker allows, 1 MiB pieces (the common choice for images of this size).
+//! tracker allows, and the piece size shoal would use for the image's largest layer.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,7 +22,6 @@ use crate::testbed::Proc;
 
 const TRACKER_PORT: u16 = 6969;
 const SEED_PORT: u16 = 6881;
-const PIECE_LOG2: &str = "20";
 /// The hook aria2c runs when a node has every piece: it appends the wall-clock time to
 /// the file named by `SHOAL_BT_DONE` (aria2c passes its environment on).
 const HOOK: &str = "#!/bin/sh\ndate +%s.%N >> \"$SHOAL_BT_DONE\"\n";
@@ -92,10 +91,20 @@ pub async fn run_baseline(
     for blob in image.blobs() {
         std::fs::write(content.join(blob.digest.hex()), &blob.bytes)?;
     }
+    let largest = image
+        .layers
+        .iter()
+        .map(|l| l.bytes.len())
+        .max()
+        .unwrap_or(0);
+    let piece_log2 = shoal_proto::PieceLayout::for_blob(largest as u64)?
+        .piece_size()
+        .trailing_zeros()
+        .to_string();
     let torrent = bt.join("image.torrent");
     run(Command::new(&mktorrent)
         .args(["-a", &format!("http://{seed_addr}:{TRACKER_PORT}/announce")])
-        .args(["-l", PIECE_LOG2, "-o"])
+        .args(["-l", &piece_log2, "-o"])
         .arg(&torrent)
         .arg(&content))?;
     let shown = run(Command::new(&aria2c).arg("-S").arg(&torrent))?;

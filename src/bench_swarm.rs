@@ -78,9 +78,9 @@ async fn raw_quinn(sender: &Endpoint, receiver: &Endpoint, len: u64) -> anyhow::
     Ok(took)
 }
 
-/// The piece protocol: every piece of a `len`-byte blob, 8 requests in flight.
+/// The piece protocol: every 1 MiB piece of a `len`-byte blob, 8 requests in flight.
 async fn one_hop(holder: &Endpoint, asker: &Endpoint, len: u64) -> anyhow::Result<Duration> {
-    let layout = PieceLayout::for_blob(len)?;
+    let layout = PieceLayout::new(len, shoal_proto::piece::PIECE_SIZE)?;
     let file = tempfile::tempfile()?;
     let chunk = vec![9u8; 1 << 20];
     let mut pos = 0;

@@ -280,6 +280,11 @@ impl Planner {
         let p = &mut self.parents[at];
         p.in_flight = p.in_flight.saturating_sub(1);
         match failure {
+            // Without a supernode nothing will say the parent is back: its pieces no longer
+            // count as held, so that those only it had come from the registry now, not
+            // after a stall (`shoal sim`, 20 nodes, a supernode dying while nodes leave:
+            // p99 14 s instead of 2.6 s).
+            Failure::Unavailable if self.hashes_final => self.ban(parent),
             Failure::Unavailable => p.rested_until = Some(now + self.config.rest),
             Failure::Busy => p.rested_until = Some(now + self.config.rest_busy),
             Failure::BadData => self.ban(parent),
@@ -500,7 +505,7 @@ mod tests {
     use super::*;
 
     fn layout(pieces: u64) -> PieceLayout {
-        PieceLayout::for_blob(pieces << 20).unwrap()
+        PieceLayout::new(pieces << 20, shoal_proto::piece::PIECE_SIZE).unwrap()
     }
 
     fn parent(id: u64, count: u32, pieces: impl IntoIterator<Item = u32>) -> Parent {
@@ -758,6 +763,44 @@ mod tests {
                     piece: PieceIndex(3)
                 }
             ]
+        );
+    }
+
+    #[test]
+    fn without_a_supernode_a_parent_that_fails_hands_its_pieces_to_the_registry() {
+        let now = Instant::now();
+        let mut p = Planner::new(PlannerConfig::default(), layout(4), NodeId(1), now);
+        p.hashes_known(4);
+        p.offer(vec![parent(1, 4, [0, 1, 2, 3]), parent(2, 4, [0, 1])]);
+        p.hashes_final();
+        let reqs = p.next_requests(now);
+        let to_1: Vec<PieceIndex> = reqs
+            .iter()
+            .filter_map(|r| match r {
+                Request::Peer { parent, piece } if *parent == NodeId(1) => Some(*piece),
+                _ => None,
+            })
+            .collect();
+        assert!(to_1.contains(&PieceIndex(2)) && to_1.contains(&PieceIndex(3)));
+        for piece in to_1 {
+            p.failed(now, piece, Failure::Unavailable);
+        }
+        // Parent 1 left: pieces 2 and 3 (only it had them) come from the registry at
+        // once, not after a stall; 0 and 1 still from parent 2.
+        let reqs = p.next_requests(now);
+        assert!(
+            reqs.contains(&Request::Registry {
+                piece: PieceIndex(2)
+            }) && reqs.contains(&Request::Registry {
+                piece: PieceIndex(3)
+            }),
+            "{reqs:?}"
+        );
+        assert!(
+            !reqs
+                .iter()
+                .any(|r| matches!(r, Request::Peer { parent, .. } if *parent == NodeId(1))),
+            "{reqs:?}"
         );
     }
 

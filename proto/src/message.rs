@@ -467,7 +467,7 @@ mod tests {
 
     #[test]
     fn tasks_are_checked_against_their_layout() {
-        let layout = PieceLayout::for_blob(3 << 20).unwrap();
+        let layout = PieceLayout::new(3 << 20, crate::piece::PIECE_SIZE).unwrap();
         let digest = BlobDigest::of(b"x");
         let parent = |pieces| Parent {
             node: NodeId(1),

@@ -84,7 +84,8 @@ pub struct SimArgs {
     /// Random seed (join and leave times)
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Model time step in milliseconds (default: a quarter of one piece at --bandwidth)
+    /// Model time step in milliseconds (default: a quarter of the smallest piece's time at
+    /// --bandwidth)
     #[arg(long)]
     pub step_ms: Option<f64>,
 }
@@ -217,10 +218,12 @@ pub fn run(args: &SimArgs) -> anyhow::Result<Run> {
     let started = Instant::now();
     let bw = args.bandwidth as f64;
     let lower_bound = args.image_size as f64 / bw;
-    let step = args.step_ms.map_or_else(
-        || f64::from(shoal_proto::piece::PIECE_SIZE) / bw / 4.0,
-        |ms| ms / 1000.0,
-    );
+    // A quarter of the smallest piece's time at full rate: pieces of the first layers are
+    // never smaller than those of the last (equal cuts, the last one takes the rest).
+    let smallest_piece = PieceLayout::for_blob(args.image_size / args.layers as u64)?.piece_size();
+    let step = args
+        .step_ms
+        .map_or_else(|| f64::from(smallest_piece) / bw / 4.0, |ms| ms / 1000.0);
     anyhow::ensure!(step > 0.0, "--step-ms must be positive");
 
     let mut sim = Sim::new(&args, step)?;
@@ -524,7 +527,13 @@ impl Sim {
     fn ask(&mut self, t: f64, pull: u32) {
         let now = self.now(t);
         let p = &mut self.pulls[pull as usize];
-        if p.done || p.lost || self.nodes[p.node as usize].left {
+        if p.done || self.nodes[p.node as usize].left {
+            return;
+        }
+        if p.lost {
+            // The daemon's loop still wakes every REFRESH: rested parents may be asked
+            // again, or the registry.
+            self.touch(pull);
             return;
         }
         let (sn_index, blob_index) = (p.sn, p.blob);
@@ -648,10 +657,16 @@ impl Sim {
                 };
                 self.net.start(from, to, u64::from(len), tag);
             }
-            // Nothing in flight: ask the supernode again soon, as the daemon does.
-            if planner.in_flight() == 0 && !planner.is_complete() && !p.lost {
-                let at = tick(t + shoal_daemon::p2p::HUNGRY_ASK.as_secs_f64());
-                if at < p.next_ask {
+            // Nothing in flight: ask the supernode again soon, as the daemon does (without
+            // a supernode, look again at the next REFRESH).
+            if planner.in_flight() == 0 && !planner.is_complete() {
+                let wait = if p.lost {
+                    REFRESH
+                } else {
+                    shoal_daemon::p2p::HUNGRY_ASK.as_secs_f64()
+                };
+                let at = tick(t + wait);
+                if at < p.next_ask || p.next_ask <= tick(t) {
                     p.next_ask = at;
                     self.asks.push(std::cmp::Reverse((at, pull)));
                 }

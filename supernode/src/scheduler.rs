@@ -557,7 +557,7 @@ mod tests {
         let clock = Clock::new();
         let mut s = Scheduler::new(SchedulerConfig::default());
         let digest = BlobDigest::of(b"blob");
-        let layout = PieceLayout::for_blob(8 << 20).unwrap();
+        let layout = PieceLayout::new(8 << 20, shoal_proto::piece::PIECE_SIZE).unwrap();
         for i in 0..nodes {
             s.hello(clock.now(), NodeId(i), zone(i).into(), addr(i))
                 .unwrap();

@@ -67,18 +67,36 @@ impl SeedBlob {
     }
 
     /// The progress once the seed has more than `known` hashes, has finished, or `within`
-    /// has passed, whichever comes first.
-    pub async fn wait_beyond(&self, known: usize, within: std::time::Duration) -> SeedProgress {
+    /// has passed, whichever comes first. Hashes that had to be waited for are gathered
+    /// for up to `linger` more (or until the seed finishes), so that the hashes of a small
+    /// blob come in one answer instead of one question each. Once every hash is known it
+    /// returns at once (the blob's sha256 check may still be running).
+    pub async fn wait_beyond(
+        &self,
+        known: usize,
+        within: std::time::Duration,
+        linger: std::time::Duration,
+    ) -> SeedProgress {
         let deadline = tokio::time::Instant::now() + within;
+        let mut until = deadline;
+        let mut waited = false;
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let progress = self.progress();
-            if progress.hashes.len() > known || progress.state != SeedState::Fetching {
+            let all = progress.hashes.len() >= self.layout.count() as usize;
+            if progress.state != SeedState::Fetching || all {
                 return progress;
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            if progress.hashes.len() > known {
+                if !waited {
+                    return progress;
+                }
+                until = until.min(tokio::time::Instant::now() + linger);
+            }
+            waited = true;
+            if tokio::time::timeout_at(until, notified).await.is_err() {
                 return self.progress();
             }
         }
@@ -247,4 +265,82 @@ async fn fetch(
         return Err("registry bytes do not match the digest".into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn blob(pieces: u32) -> Arc<SeedBlob> {
+        Arc::new(SeedBlob {
+            layout: PieceLayout::new(u64::from(pieces) << 16, 64 << 10).unwrap(),
+            file: Arc::new(tempfile::tempfile().unwrap()),
+            progress: Mutex::new(SeedProgress::default()),
+            changed: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn publish(blob: &SeedBlob) {
+        blob.update(|p| p.hashes.push(PieceHash::of(b"piece")));
+    }
+
+    const HOLD: Duration = Duration::from_millis(200);
+    const GATHER: Duration = Duration::from_millis(10);
+
+    #[tokio::test(start_paused = true)]
+    async fn hashes_waited_for_are_gathered_a_little_longer() {
+        let seed = blob(4);
+        let waiting = tokio::spawn({
+            let seed = seed.clone();
+            async move {
+                let started = tokio::time::Instant::now();
+                let progress = seed.wait_beyond(0, HOLD, GATHER).await;
+                (progress.hashes.len(), started.elapsed())
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        publish(&seed);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        publish(&seed);
+        let (hashes, took) = waiting.await.unwrap();
+        assert_eq!(hashes, 2, "both hashes in one answer");
+        assert_eq!(
+            took,
+            Duration::from_millis(60),
+            "10 ms after the first new hash"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn known_hashes_and_the_last_hash_are_answered_at_once() {
+        let seed = blob(2);
+        publish(&seed);
+        let started = tokio::time::Instant::now();
+        assert_eq!(seed.wait_beyond(0, HOLD, GATHER).await.hashes.len(), 1);
+        assert_eq!(started.elapsed(), Duration::ZERO, "the node lags: no wait");
+
+        let waiting = tokio::spawn({
+            let seed = seed.clone();
+            async move { seed.wait_beyond(1, HOLD, GATHER).await.hashes.len() }
+        });
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        publish(&seed);
+        let started = tokio::time::Instant::now();
+        assert_eq!(waiting.await.unwrap(), 2);
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "every hash known: no gathering"
+        );
+
+        let nothing = blob(2);
+        let started = tokio::time::Instant::now();
+        assert!(nothing.wait_beyond(0, HOLD, GATHER).await.hashes.is_empty());
+        assert_eq!(
+            started.elapsed(),
+            HOLD,
+            "nothing new: held for the whole hold"
+        );
+    }
 }
