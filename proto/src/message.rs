@@ -15,8 +15,9 @@ use serde::{Deserialize, Serialize};
 use crate::digest::BlobDigest;
 use crate::piece::{PieceHash, PieceIndex, PieceLayout};
 
-/// The protocol version, as negotiated by ALPN.
-pub const ALPN: &[u8] = b"shoal/2";
+/// The protocol version, as negotiated by ALPN. 3: blobs under 128 MiB have smaller pieces
+/// ([`PieceLayout::for_blob`]), and a node serves a complete blob by that layout.
+pub const ALPN: &[u8] = b"shoal/3";
 
 /// QUIC send priority of control streams, above piece streams (0) on the same connection.
 pub const CONTROL_PRIORITY: i32 = 1;
