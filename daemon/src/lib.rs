@@ -20,6 +20,7 @@ pub mod authz;
 pub mod body;
 pub mod config;
 pub mod containerd;
+pub mod dial;
 pub mod flight;
 pub mod metrics;
 pub mod p2p;

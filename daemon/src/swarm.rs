@@ -21,6 +21,7 @@ use shoal_transport::ca::{self, NodeIdentity};
 use shoal_transport::pieces::{PieceLookup, UploadLimits, serve_pieces};
 use shoal_transport::rate::ByteRate;
 
+use crate::dial::Dialer;
 use crate::store::Store;
 use shoal_transport::{Endpoint, JoinToken};
 
@@ -50,8 +51,8 @@ pub struct Swarm {
     zone: String,
     supernodes: Vec<SocketAddr>,
     conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
-    /// Held while a connection is being made.
-    connecting: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
+    /// One connection attempt per address at a time.
+    dialer: Dialer<SocketAddr>,
     /// Pieces sent to peers at once, and their pace (`--max-upload-peers`, `--upload-rate`).
     uploads: Arc<UploadLimits>,
     /// Paces piece requests to peers (`--download-rate`).
@@ -74,7 +75,7 @@ impl Swarm {
             zone: config.zone.clone(),
             supernodes: config.supernodes.clone(),
             conns: Mutex::default(),
-            connecting: Mutex::default(),
+            dialer: Dialer::default(),
             uploads: UploadLimits::new(config.max_upload_peers, config.upload_rate),
             download_rate: ByteRate::new(config.download_rate),
             holdings: std::sync::OnceLock::new(),
@@ -102,7 +103,8 @@ impl Swarm {
 
     /// A connection to `addr`, reused while it lives. A new connection to a supernode
     /// says hello before anyone else may use it: the supernode knows a node by its hello,
-    /// and forgets it when that connection closes.
+    /// and forgets it when that connection closes. Callers that waited for a failed
+    /// attempt get its error ([`Dialer`]).
     pub async fn conn(&self, addr: SocketAddr) -> anyhow::Result<quinn::Connection> {
         let cached = || {
             self.lock_conns()
@@ -110,35 +112,25 @@ impl Swarm {
                 .filter(|c| c.close_reason().is_none())
                 .cloned()
         };
-        if let Some(conn) = cached() {
-            return Ok(conn);
-        }
-        // One connection per address: racing callers wait for the first to finish.
-        let gate = self
-            .connecting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(addr)
-            .or_default()
-            .clone();
-        let _connecting = gate.lock().await;
-        if let Some(conn) = cached() {
-            return Ok(conn);
-        }
-        let (conn, _node) = tokio::time::timeout(CONTROL_TIMEOUT, self.endpoint.connect(addr))
+        self.dialer
+            .dial(&addr, cached, || async {
+                let (conn, _node) =
+                    tokio::time::timeout(CONTROL_TIMEOUT, self.endpoint.connect(addr))
+                        .await
+                        .map_err(|_| anyhow::anyhow!("connecting to {addr} timed out"))??;
+                if self.supernodes.contains(&addr) {
+                    let hello = ToSupernode::Hello {
+                        node: self.me,
+                        zone: self.zone.clone(),
+                        peer_addr: self.peer_addr,
+                    };
+                    exchange(&conn, &hello).await?;
+                    self.announce_holdings(addr, &conn);
+                }
+                self.lock_conns().insert(addr, conn.clone());
+                Ok(conn)
+            })
             .await
-            .map_err(|_| anyhow::anyhow!("connecting to {addr} timed out"))??;
-        if self.supernodes.contains(&addr) {
-            let hello = ToSupernode::Hello {
-                node: self.me,
-                zone: self.zone.clone(),
-                peer_addr: self.peer_addr,
-            };
-            exchange(&conn, &hello).await?;
-            self.announce_holdings(addr, &conn);
-        }
-        self.lock_conns().insert(addr, conn.clone());
-        Ok(conn)
     }
 
     fn lock_conns(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, quinn::Connection>> {
