@@ -44,6 +44,35 @@ fn tc_cap(ns: &str, dev: &str, bytes_per_s: u64) -> anyhow::Result<()> {
     ])
 }
 
+/// The kernel's neighbour (ARP) table is shared by every network namespace, and an entry
+/// beyond `gc_thresh3` (1,024 by default) cannot be created: the packet that needed it is
+/// dropped (`NEIGH_CREATEFAIL` in `skb:kfree_skb`), and for a QUIC peer that is a lost
+/// handshake. A lab whose hosts all talk to each other needs about hosts² entries (40
+/// hosts: 1,700): the limits are raised, never lowered, before the hosts exist.
+fn make_neighbour_room(hosts: usize) -> anyhow::Result<()> {
+    // The machine's own entries come on top.
+    let need = (hosts + 2) * (hosts + 2) + 1024;
+    for (name, value) in [("gc_thresh2", need), ("gc_thresh3", 2 * need)] {
+        let path = format!("/proc/sys/net/ipv4/neigh/default/{name}");
+        let now: usize = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {path}"))?
+            .trim()
+            .parse()
+            .with_context(|| format!("{path} is not a number"))?;
+        if now < value {
+            std::fs::write(&path, value.to_string())
+                .with_context(|| format!("raising {path} to {value}"))?;
+            tracing::info!(
+                sysctl = %format!("net.ipv4.neigh.default.{name}"),
+                from = now,
+                to = value,
+                "raised the neighbour table limit so that {hosts} hosts can reach each other"
+            );
+        }
+    }
+    Ok(())
+}
+
 impl Lab {
     /// `hosts` namespaces capped at `bytes_per_s` each way. Root only.
     pub fn create(hosts: usize, bytes_per_s: u64) -> anyhow::Result<Lab> {
@@ -54,6 +83,7 @@ impl Lab {
         if hosts > 60_000 {
             bail!("a lab holds at most 60,000 hosts");
         }
+        make_neighbour_room(hosts)?;
         let prefix = format!("shoal{}", std::process::id());
         let lab = Lab {
             hub: format!("{prefix}-hub"),
