@@ -50,8 +50,8 @@ fn tc_cap(ns: &str, dev: &str, bytes_per_s: u64) -> anyhow::Result<()> {
 /// handshake. A lab whose hosts all talk to each other needs about hosts² entries (40
 /// hosts: 1,700): the limits are raised, never lowered, before the hosts exist.
 fn make_neighbour_room(hosts: usize) -> anyhow::Result<()> {
-    // The machine's own entries come on top.
-    let need = (hosts + 2) * (hosts + 2) + 1024;
+    // With room for the machine's own entries.
+    let need = (hosts + 2) * (hosts + 2) + 256;
     for (name, value) in [("gc_thresh2", need), ("gc_thresh3", 2 * need)] {
         let path = format!("/proc/sys/net/ipv4/neigh/default/{name}");
         let now: usize = std::fs::read_to_string(&path)
@@ -62,11 +62,10 @@ fn make_neighbour_room(hosts: usize) -> anyhow::Result<()> {
         if now < value {
             std::fs::write(&path, value.to_string())
                 .with_context(|| format!("raising {path} to {value}"))?;
-            tracing::info!(
-                sysctl = %format!("net.ipv4.neigh.default.{name}"),
-                from = now,
-                to = value,
-                "raised the neighbour table limit so that {hosts} hosts can reach each other"
+            eprintln!(
+                "netns: raised net.ipv4.neigh.default.{name} from {now} to {value} so that \
+                 {hosts} hosts can reach each other (the neighbour table is shared by all \
+                 namespaces)"
             );
         }
     }
