@@ -158,7 +158,7 @@ fn scheduler(c: &mut Criterion) {
             s.want(now, NodeId(n), digest, layout).unwrap();
             // Peers hold a spread of pieces, as in the middle of a pull.
             let held: Vec<PieceIndex> = (0..layout.count())
-                .filter(|i| (i + n as u32) % 3 == 0)
+                .filter(|i| (i + n as u32).is_multiple_of(3))
                 .map(PieceIndex)
                 .collect();
             s.have(now, NodeId(n), &digest, &held).unwrap();

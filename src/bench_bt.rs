@@ -27,18 +27,8 @@ const SEED_PORT: u16 = 6881;
 const HOOK: &str = "#!/bin/sh\ndate +%s.%N >> \"$SHOAL_BT_DONE\"\n";
 
 /// The path of `tool`, or an error that says how to install it.
-fn need(tool: &str, package: &str) -> anyhow::Result<PathBuf> {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join(tool))
-        .find(|p| p.is_file())
-        .with_context(|| {
-            format!(
-                "the bittorrent baseline needs `{tool}`: apt-get install {package} \
-                 (scripts/install-test-deps.sh installs it)"
-            )
-        })
+fn need(tool: &str) -> anyhow::Result<PathBuf> {
+    crate::testbed::find_tool(tool).context("the bittorrent baseline needs it")
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
@@ -78,9 +68,9 @@ pub async fn run_baseline(
     deadline: Duration,
     lower_bound: f64,
 ) -> anyhow::Result<Outcome> {
-    let aria2c = need("aria2c", "aria2")?;
-    let opentracker = need("opentracker", "opentracker")?;
-    let mktorrent = need("mktorrent", "mktorrent")?;
+    let aria2c = need("aria2c")?;
+    let opentracker = need("opentracker")?;
+    let mktorrent = need("mktorrent")?;
     let seed_addr = lab.addr(0);
 
     // The seed's copy of the blobs, the torrent, and the tracker's whitelist (Debian's

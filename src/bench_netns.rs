@@ -56,7 +56,7 @@ pub async fn scale_out(args: &ScaleOutArgs, image: &Image) -> anyhow::Result<Run
     let registry_addr = format!("{}:{REGISTRY_PORT}", lab.addr(0));
     let wrap: Vec<String> = lab.wrap(0);
     let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
-    crate::testbed::tool("docker-registry");
+    crate::testbed::find_tool("docker-registry").context("--netns runs the real registry")?;
     let registry = tokio::task::block_in_place(|| {
         Registry::start_at(&dir.join("registry"), &[], &registry_addr, &wrap)
     });

@@ -209,7 +209,7 @@ async fn start_origin(
             .with_context(|| format!("{host} does not resolve"))?;
         return Ok((Origin::External, addr));
     }
-    if which("docker-registry") {
+    if which::which("docker-registry").is_ok() {
         let registry = tokio::task::block_in_place(|| crate::testbed::Registry::start(dir, &[]));
         crate::registry::push(&registry.url(), REPO, TAG, image, None).await?;
         let addr = registry.addr.parse()?;
@@ -218,11 +218,6 @@ async fn start_origin(
     let origin = crate::origin::Origin::start(image, REPO, TAG).await?;
     let addr = origin.addr;
     Ok((Origin::Embedded { _server: origin }, addr))
-}
-
-fn which(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(tool).is_file()))
 }
 
 /// Supernodes and nodes, each a child process; killed when dropped.

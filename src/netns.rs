@@ -10,15 +10,16 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-/// The private range the lab's hosts live in (only inside the lab's namespaces and on its
-/// control link).
-const NET: [u8; 2] = [10, 77];
+mod claim;
 
 pub struct Lab {
     prefix: String,
     hub: String,
     hosts: usize,
     control: String,
+    /// The private /16 the lab's hosts live in (only inside the lab's namespaces and on its
+    /// control link); dropped after the lab is removed.
+    range: claim::Range,
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -82,15 +83,17 @@ impl Lab {
         if hosts > 60_000 {
             bail!("a lab holds at most 60,000 hosts");
         }
+        claim::remove_dead_labs();
+        let range = claim::claim()?;
         make_neighbour_room(hosts)?;
         let prefix = format!("shoal{}", std::process::id());
-        let lab = Lab {
+        let mut lab = Lab {
             hub: format!("{prefix}-hub"),
             control: format!("{prefix}c"),
             prefix,
             hosts: 0,
+            range,
         };
-        let mut lab = lab;
         ip(&["netns", "add", &lab.hub])?;
         ip(&["-n", &lab.hub, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &lab.hub, "link", "set", "br0", "up"])?;
@@ -109,7 +112,7 @@ impl Lab {
         ])?;
         ip(&["-n", &lab.hub, "link", "set", "ctl", "master", "br0"])?;
         ip(&["-n", &lab.hub, "link", "set", "ctl", "up"])?;
-        let control_addr = format!("{}.{}.255.254/16", NET[0], NET[1]);
+        let control_addr = format!("10.{}.255.254/16", lab.range.octet);
         ip(&["addr", "add", &control_addr, "dev", &lab.control])?;
         ip(&["link", "set", &lab.control, "up"])?;
         for k in 0..hosts {
@@ -142,7 +145,7 @@ impl Lab {
     /// The address of host `k`.
     pub fn addr(&self, k: usize) -> Ipv4Addr {
         let n = k + 2;
-        Ipv4Addr::new(NET[0], NET[1], (n / 250) as u8, (n % 250) as u8)
+        Ipv4Addr::new(10, self.range.octet, (n / 250) as u8, (n % 250) as u8)
     }
 
     /// The command prefix that runs a program in host `k`'s namespace.

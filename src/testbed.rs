@@ -14,16 +14,31 @@ use shoal_proto::BlobDigest;
 /// Generous bound for anything that should take seconds: it only catches hangs.
 pub const HANG: Duration = Duration::from_secs(300);
 
+/// The Debian package that installs `tool`.
+fn package(tool: &str) -> &str {
+    match tool {
+        "htpasswd" => "apache2-utils",
+        "ctr" => "containerd",
+        "ip" | "tc" => "iproute2",
+        "aria2c" => "aria2",
+        other => other,
+    }
+}
+
+/// The path of `tool`, or an error that says how to install it.
+pub fn find_tool(tool: &str) -> anyhow::Result<PathBuf> {
+    which::which(tool).with_context(|| {
+        format!(
+            "`{tool}` is not installed: apt-get install {}, or run \
+             scripts/install-test-deps.sh (as root), which installs every tool",
+            package(tool)
+        )
+    })
+}
+
 /// The path of a tool the tests need, or a loud failure that says how to get it.
 pub fn tool(name: &str) -> PathBuf {
-    let found = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file());
-    found.unwrap_or_else(|| {
-        panic!("`{name}` is not installed; run scripts/install-test-deps.sh (as root)")
-    })
+    find_tool(name).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// A loopback port that was free a moment ago.
