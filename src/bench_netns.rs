@@ -155,13 +155,17 @@ pub async fn scale_out(args: &ScaleOutArgs, image: &Image) -> anyhow::Result<Run
     )
     .await?;
     shoal.registry_egress_bytes = registry.blob_bytes_sent() - egress_before;
+    let (mut answer_sum, mut answers) = (0.0, 0);
     for &host in &nodes {
         let url = format!("http://{}:{MIRROR_PORT}/metrics", lab.addr(host));
         let metrics = metrics_of(&client, &url).await?;
         shoal.peer_bytes += crate::demo::fetched_from(&metrics, "Peer");
         shoal.seed_bytes += crate::demo::fetched_from(&metrics, "Seed");
         shoal.fallback_bytes += crate::demo::fetched_from(&metrics, "Registry");
+        let (sum, count) = crate::demo::peer_answers(&metrics);
+        (answer_sum, answers) = (answer_sum + sum, answers + count);
     }
+    shoal.peer_answer_s = (answers > 0).then(|| answer_sum / answers as f64);
     drop(procs);
 
     let mut baselines = BTreeMap::new();

@@ -116,6 +116,20 @@ pub fn fetched_from(metrics: &str, source: &str) -> u64 {
     )
 }
 
+/// The sum (seconds) and count of the peers' answer times a node measured.
+pub fn peer_answers(metrics: &str) -> (f64, u64) {
+    let sum = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("shoald_peer_answer_seconds_sum")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0);
+    (sum, counter(metrics, "shoald_peer_answer_seconds_count"))
+}
+
 fn counter(metrics: &str, series: &str) -> u64 {
     metrics
         .lines()

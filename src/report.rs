@@ -52,6 +52,10 @@ pub struct Outcome {
     pub seed_bytes: u64,
     pub fallback_bytes: u64,
     pub failures: usize,
+    /// Mean time from a piece request to the peer's answer, in seconds: measured by the
+    /// nodes in netns mode, the modelled round trip (`--rtt-ms`) in the sim.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_answer_s: Option<f64>,
     /// p50 and p99 over the lower bound (0 when there is no bound, on loopback).
     pub p50_over_bound: f64,
     pub p99_over_bound: f64,
@@ -131,6 +135,13 @@ impl Run {
                 human_bytes(o.seed_bytes),
                 human_bytes(o.fallback_bytes),
                 o.failures
+            );
+        }
+        if let Some(answer) = self.shoal.peer_answer_s {
+            out += &format!(
+                "\npeers answered piece requests after {:.1} ms on average (a round trip with \
+                 the queues on the way; `shoal sim --rtt-ms` models it)\n",
+                answer * 1000.0
             );
         }
         out

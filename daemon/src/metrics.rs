@@ -4,6 +4,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// What a request asked for.
@@ -61,6 +62,7 @@ pub struct Metrics {
     store_hits: Counter,
     store_misses: Counter,
     store_bytes: Gauge,
+    peer_answer: Histogram,
 }
 
 impl Default for Metrics {
@@ -73,6 +75,8 @@ impl Default for Metrics {
             store_hits: Counter::default(),
             store_misses: Counter::default(),
             store_bytes: Gauge::default(),
+            // 1 ms to about 8 s.
+            peer_answer: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
         };
         let r = &mut m.registry;
         r.register(
@@ -105,6 +109,12 @@ impl Default for Metrics {
             "Bytes held by the blob store",
             m.store_bytes.clone(),
         );
+        r.register(
+            "peer_answer_seconds",
+            "From a piece request to the peer's answer (the piece's first bytes, or busy): \
+             the round trip with the queues on the way",
+            m.peer_answer.clone(),
+        );
         m
     }
 }
@@ -126,6 +136,10 @@ impl Metrics {
         self.bytes_fetched
             .get_or_create(&SourceLabels { source })
             .inc_by(bytes);
+    }
+
+    pub fn peer_answered(&self, after: std::time::Duration) {
+        self.peer_answer.observe(after.as_secs_f64());
     }
 
     pub fn store_hit(&self) {
@@ -158,6 +172,7 @@ mod tests {
         m.served(Source::Store, 42);
         m.fetched(Source::Registry, 7);
         m.store_hit();
+        m.peer_answered(std::time::Duration::from_millis(3));
         let text = m.encode(1234);
         for line in [
             "shoald_requests_total{kind=\"Blob\",status=\"200\"} 1",
@@ -165,6 +180,8 @@ mod tests {
             "shoald_bytes_fetched_total{source=\"Registry\"} 7",
             "shoald_store_hits_total 1",
             "shoald_store_bytes 1234",
+            "shoald_peer_answer_seconds_count 1",
+            "shoald_peer_answer_seconds_bucket{le=\"0.004\"} 1",
         ] {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }

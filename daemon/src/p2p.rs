@@ -13,7 +13,7 @@ use sha2::{Digest as _, Sha256};
 use shoal_proto::message::{FromSupernode, NodeId, Origin, PieceSet, ToSupernode};
 use shoal_proto::{BlobDigest, PieceIndex, PieceLayout};
 use shoal_registry_proxy::Upstream;
-use shoal_transport::pieces::{Piece, fetch_piece};
+use shoal_transport::pieces::{Piece, PieceError, fetch_piece};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -69,6 +69,8 @@ struct PieceResult {
     piece: PieceIndex,
     from: From,
     bytes: Result<Piece, String>,
+    /// From the request to a peer's answer (the piece or "busy"), when it answered.
+    answered_in: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,6 +152,9 @@ impl P2pFetch<'_> {
                 Some(done) = jobs.join_next() => {
                     let Ok(done) = done else { continue };
                     let now = Instant::now();
+                    if let Some(after) = done.answered_in {
+                        self.metrics.peer_answered(after);
+                    }
                     let bytes = match done.bytes {
                         Ok(bytes) => bytes,
                         Err(e) => {
@@ -327,14 +332,20 @@ impl P2pFetch<'_> {
                     if let Some(rate) = &swarm.download_rate {
                         rate.take(u64::from(len)).await;
                     }
+                    let mut answered_in = None;
                     let fetched = tokio::time::timeout(PIECE_DEADLINE, async {
                         let conn = swarm.conn(addr).await.map_err(|e| e.to_string())?;
-                        fetch_piece(&conn, digest, piece, len)
-                            .await
-                            .map_err(|e| match e {
-                                shoal_transport::pieces::PieceError::Busy => BUSY.to_owned(),
-                                e => e.to_string(),
-                            })
+                        let asked = Instant::now();
+                        let fetched = fetch_piece(&conn, digest, piece, len).await;
+                        answered_in = match &fetched {
+                            Ok(piece) => Some(piece.answered_in),
+                            Err(PieceError::Busy) => Some(asked.elapsed()),
+                            Err(_) => None,
+                        };
+                        fetched.map_err(|e| match e {
+                            PieceError::Busy => BUSY.to_owned(),
+                            e => e.to_string(),
+                        })
                     })
                     .await
                     .unwrap_or_else(|_| Err("peer too slow".into()));
@@ -342,6 +353,7 @@ impl P2pFetch<'_> {
                         piece,
                         from: From::Peer(parent, addr),
                         bytes: fetched,
+                        answered_in,
                     }
                 });
             }
@@ -354,6 +366,7 @@ impl P2pFetch<'_> {
                         piece,
                         from: From::Registry,
                         bytes,
+                        answered_in: None,
                     }
                 });
             }

@@ -88,6 +88,11 @@ pub struct SimArgs {
     /// --bandwidth)
     #[arg(long)]
     pub step_ms: Option<f64>,
+    /// Round trip between hosts in milliseconds: a piece's first byte comes this long after
+    /// its request, a "busy" answer this long after the question (queues on a loaded link
+    /// add to the wire's round trip; 0 = instant)
+    #[arg(long, default_value_t = 0.0)]
+    pub rtt_ms: f64,
 }
 
 impl SimArgs {
@@ -107,6 +112,10 @@ impl SimArgs {
             "--layers must be at least 1 and at most the image size in bytes"
         );
         anyhow::ensure!(self.supernodes > 0, "--supernodes must be at least 1");
+        anyhow::ensure!(
+            self.rtt_ms.is_finite() && (0.0..=10_000.0).contains(&self.rtt_ms),
+            "--rtt-ms must be between 0 and 10000"
+        );
         anyhow::ensure!(
             (0.0..=1.0).contains(&self.late) && (0.0..=1.0).contains(&self.leave),
             "--late and --leave are fractions between 0 and 1"
@@ -151,6 +160,20 @@ enum Tag {
     SeedFetch { sn: u32, blob: u32, piece: u32 },
     /// A node fetching a piece for one of its pulls.
     Piece { pull: u32, piece: u32, src: Src },
+}
+
+/// What reaches a node one round trip after it sent a request.
+#[derive(Debug, Clone, Copy)]
+enum Answer {
+    /// The first bytes of the piece: the flow starts.
+    Piece {
+        from: Host,
+        to: Host,
+        len: u64,
+        tag: Tag,
+    },
+    /// The parent was busy.
+    Busy { pull: u32, piece: u32 },
 }
 
 struct Blob {
@@ -275,8 +298,11 @@ struct Sim {
     is_touched: Vec<bool>,
     bytes: Bytes,
     dies_at: Option<f64>,
-    /// Pieces each host is sending now.
+    /// Pieces each host is sending now (a slot is taken when the request is sent).
     uploads: Vec<u16>,
+    rtt: f64,
+    /// Answers on their way, soonest first (every one takes `rtt`, so they come in order).
+    answers: std::collections::VecDeque<(f64, Answer)>,
 }
 
 impl Sim {
@@ -376,6 +402,8 @@ impl Sim {
             bytes: Bytes::default(),
             dies_at: args.supernode_dies_at,
             uploads: vec![0; n + args.supernodes + 1],
+            rtt: args.rtt_ms / 1000.0,
+            answers: std::collections::VecDeque::new(),
         })
     }
 
@@ -448,6 +476,7 @@ impl Sim {
                     self.ask(t, pull);
                 }
             }
+            self.answers_due(t);
             self.plan(t);
             if t >= next_sample {
                 series.push((t, self.bytes.registry as u64));
@@ -483,6 +512,7 @@ impl Sim {
             failures,
             node_completion_s,
             registry_egress_over_time: series,
+            peer_answer_s: (self.rtt > 0.0).then_some(self.rtt),
             ..Default::default()
         }
     }
@@ -639,7 +669,15 @@ impl Sim {
                 };
                 if src != Src::Registry {
                     if self.uploads[from as usize] >= slots {
-                        planner.failed(now, piece, Failure::Busy);
+                        if self.rtt > 0.0 {
+                            let busy = Answer::Busy {
+                                pull,
+                                piece: piece.0,
+                            };
+                            self.answers.push_back((t + self.rtt, busy));
+                        } else {
+                            planner.failed(now, piece, Failure::Busy);
+                        }
                         continue;
                     }
                     self.uploads[from as usize] += 1;
@@ -655,7 +693,13 @@ impl Sim {
                     piece: piece.0,
                     src,
                 };
-                self.net.start(from, to, u64::from(len), tag);
+                let len = u64::from(len);
+                if self.rtt > 0.0 {
+                    let first_bytes = Answer::Piece { from, to, len, tag };
+                    self.answers.push_back((t + self.rtt, first_bytes));
+                } else {
+                    self.net.start(from, to, len, tag);
+                }
             }
             // Nothing in flight: ask the supernode again soon, as the daemon does (without
             // a supernode, look again at the next REFRESH).
@@ -674,6 +718,38 @@ impl Sim {
         }
         self.touched = touched;
         self.touched.clear();
+    }
+
+    /// Answers whose round trip is over: pieces start flowing, "busy" reaches the planner.
+    fn answers_due(&mut self, t: f64) {
+        let now = self.now(t);
+        while let Some(&(at, answer)) = self.answers.front() {
+            if at > t {
+                break;
+            }
+            self.answers.pop_front();
+            match answer {
+                Answer::Busy { pull, piece } => {
+                    if let Some(planner) = self.pulls[pull as usize].planner.as_mut() {
+                        planner.failed(now, PieceIndex(piece), Failure::Busy);
+                        self.touch(pull);
+                    }
+                }
+                Answer::Piece { from, to, len, tag } => {
+                    // A host that left (or a seed whose supernode died) meanwhile sends
+                    // nothing: the request fails as a cut flow would.
+                    let gone = |h: Host| match (h as usize).checked_sub(self.nodes.len()) {
+                        None => self.nodes[h as usize].left,
+                        Some(sn) => self.sns.get(sn).is_some_and(|s| !s.alive),
+                    };
+                    if gone(from) || gone(to) {
+                        self.cut_flow(t, Done { from, to, tag });
+                    } else {
+                        self.net.start(from, to, len, tag);
+                    }
+                }
+            }
+        }
     }
 
     /// A flow finished; returns the node when it completed its last pull.
@@ -915,6 +991,31 @@ mod tests {
     }
 
     #[test]
+    fn round_trips_slow_the_swarm_and_lose_nothing() {
+        let flags = "--nodes 20 --image-size 16MiB --layers 2 --bandwidth 50mbit --baseline=";
+        let instant = sim(flags);
+        let slow = sim(&format!("{flags} --rtt-ms 80"));
+        let with_leavers = sim(&format!(
+            "{flags} --rtt-ms 80 --leave 0.3 --supernode-dies-at 0.5"
+        ));
+        for run in [&instant, &slow, &with_leavers] {
+            assert_eq!(run.shoal.failures, 0, "{}", run.table());
+        }
+        assert_eq!(instant.shoal.peer_answer_s, None);
+        assert_eq!(slow.shoal.peer_answer_s, Some(0.08));
+        assert!(slow.shoal.registry_egress_ratio <= 1.05, "{}", slow.table());
+        let got = slow.shoal.peer_bytes + slow.shoal.seed_bytes + slow.shoal.fallback_bytes;
+        assert_eq!(got, 20 * (16 << 20));
+        // Each request waits a round trip before its bytes flow (and a "busy" as long).
+        assert!(
+            slow.shoal.completion_s.p50 > 1.2 * instant.shoal.completion_s.p50,
+            "{}\n{}",
+            instant.table(),
+            slow.table()
+        );
+    }
+
+    #[test]
     fn bad_flags_are_refused_with_a_reason() {
         let cli = Cli::try_parse_from(["sim", "--nodes", "0"]).unwrap();
         assert!(run(&cli.sim).unwrap_err().to_string().contains("--nodes"));
@@ -926,5 +1027,7 @@ mod tests {
                 .contains("bittorrent")
         );
         assert!(Cli::try_parse_from(["sim", "--bandwidth", "fast"]).is_err());
+        let cli = Cli::try_parse_from(["sim", "--rtt-ms=-1"]).unwrap();
+        assert!(run(&cli.sim).unwrap_err().to_string().contains("--rtt-ms"));
     }
 }

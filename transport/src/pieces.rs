@@ -51,6 +51,7 @@ pub async fn fetch_piece(
     expected_len: u32,
 ) -> Result<Piece, PieceError> {
     let stream = |e: &dyn std::fmt::Display| PieceError::Stream(e.to_string());
+    let asked = std::time::Instant::now();
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream(&e))?;
     send.write_all(&[StreamKind::Piece as u8])
         .await
@@ -89,7 +90,10 @@ pub async fn fetch_piece(
         }
     };
     // The bytes stay in the chunks QUIC delivered them in: no copy to make them contiguous.
-    let mut piece = Piece::default();
+    let mut piece = Piece {
+        answered_in: asked.elapsed(),
+        ..Piece::default()
+    };
     let first = decoder.take_rest().freeze();
     if !first.is_empty() {
         piece.push(first);
@@ -120,6 +124,9 @@ pub async fn fetch_piece(
 pub struct Piece {
     pub chunks: Vec<Bytes>,
     pub len: usize,
+    /// From the request to the peer's answer (the piece's header): a round trip, with
+    /// whatever queues the request and the answer waited in.
+    pub answered_in: Duration,
 }
 
 impl Piece {
