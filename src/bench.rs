@@ -131,7 +131,7 @@ pub(crate) fn peak_rss(pid: u32) -> anyhow::Result<u64> {
 
 pub async fn mirror(args: &MirrorBenchArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let registry = tokio::task::block_in_place(|| Registry::start(dir.path(), &[]));
+    let registry = tokio::task::block_in_place(|| Registry::try_start(dir.path(), &[]))?;
     let client = reqwest::Client::new();
     let big = random_blob(args.big_mib << 20, 1);
     let small: Vec<Blob> = (0..args.small_blobs)

@@ -58,8 +58,8 @@ pub async fn scale_out(args: &ScaleOutArgs, image: &Image) -> anyhow::Result<Run
     let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
     crate::testbed::find_tool("docker-registry").context("--netns runs the real registry")?;
     let registry = tokio::task::block_in_place(|| {
-        Registry::start_at(&dir.join("registry"), &[], &registry_addr, &wrap)
-    });
+        Registry::try_start_at(&dir.join("registry"), &[], &registry_addr, &wrap)
+    })?;
     crate::registry::push(&registry.url(), REPO, TAG, image, None).await?;
 
     // Hosts 1..=S: supernodes, sharing the first one's CA and join token.

@@ -210,7 +210,8 @@ async fn start_origin(
         return Ok((Origin::External, addr));
     }
     if which::which("docker-registry").is_ok() {
-        let registry = tokio::task::block_in_place(|| crate::testbed::Registry::start(dir, &[]));
+        let registry =
+            tokio::task::block_in_place(|| crate::testbed::Registry::try_start(dir, &[]))?;
         crate::registry::push(&registry.url(), REPO, TAG, image, None).await?;
         let addr = registry.addr.parse()?;
         return Ok((Origin::Docker(registry), addr));

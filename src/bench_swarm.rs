@@ -141,7 +141,7 @@ pub async fn swarm(args: &SwarmBenchArgs) -> anyhow::Result<()> {
     let (raw, hop) = (median(raw), median(hop));
 
     let dir = tempfile::tempdir()?;
-    let registry = tokio::task::block_in_place(|| Registry::start(dir.path(), &[]));
+    let registry = tokio::task::block_in_place(|| Registry::try_start(dir.path(), &[]))?;
     let client = reqwest::Client::new();
     let blobs: Vec<_> = (0..args.small_blobs)
         .map(|i| {

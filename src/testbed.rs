@@ -105,30 +105,40 @@ pub struct Registry {
 impl Registry {
     /// Starts `docker-registry` in `dir`; with `users`, behind htpasswd basic auth.
     pub fn start(dir: &Path, users: &[(&str, &str)]) -> Registry {
-        Self::start_at(dir, users, &format!("127.0.0.1:{}", free_port()), &[])
+        Self::try_start(dir, users).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
-    /// Like [`Registry::start`], listening on `addr`, the command run through `wrap` (e.g.
-    /// `ip netns exec NAME`).
-    pub fn start_at(dir: &Path, users: &[(&str, &str)], addr: &str, wrap: &[&str]) -> Registry {
-        let bin = tool("docker-registry");
+    /// Like [`Registry::start`], with an error instead of a panic (for the benches).
+    pub fn try_start(dir: &Path, users: &[(&str, &str)]) -> anyhow::Result<Registry> {
+        Self::try_start_at(dir, users, &format!("127.0.0.1:{}", free_port()), &[])
+    }
+
+    /// Like [`Registry::try_start`], listening on `addr`, the command run through `wrap`
+    /// (e.g. `ip netns exec NAME`).
+    pub fn try_start_at(
+        dir: &Path,
+        users: &[(&str, &str)],
+        addr: &str,
+        wrap: &[&str],
+    ) -> anyhow::Result<Registry> {
+        let bin = find_tool("docker-registry")?;
         let addr = addr.to_owned();
-        std::fs::create_dir_all(dir).unwrap();
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let storage = dir.join("registry");
         let mut auth = String::new();
         if !users.is_empty() {
             let htpasswd = dir.join("htpasswd");
             let mut lines = String::new();
             for (user, password) in users {
-                let out = Command::new(tool("htpasswd"))
+                let out = Command::new(find_tool("htpasswd")?)
                     .args(["-Bbn", user, password])
                     .output()
-                    .unwrap();
-                assert!(out.status.success(), "htpasswd failed");
-                lines.push_str(String::from_utf8(out.stdout).unwrap().trim());
+                    .context("running htpasswd")?;
+                anyhow::ensure!(out.status.success(), "htpasswd failed for {user}");
+                lines.push_str(String::from_utf8_lossy(&out.stdout).trim());
                 lines.push('\n');
             }
-            std::fs::write(&htpasswd, lines).unwrap();
+            std::fs::write(&htpasswd, lines)?;
             auth = format!(
                 "auth: {{htpasswd: {{realm: shoal-test, path: {}}}}}\n",
                 htpasswd.display()
@@ -143,33 +153,44 @@ impl Registry {
                  http: {{addr: {addr}}}\n{auth}",
                 storage.display()
             ),
-        )
-        .unwrap();
+        )?;
         let log = dir.join("registry.log");
-        let out = std::fs::File::create(&log).unwrap();
+        let out = std::fs::File::create(&log)?;
         let mut command = match wrap.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
-                c.args(rest).arg(bin);
+                c.args(rest).arg(&bin);
                 c
             }
-            None => Command::new(bin),
+            None => Command::new(&bin),
         };
         let child = command
-            .args(["serve", config.to_str().unwrap()])
-            .stdout(out.try_clone().unwrap())
+            .arg("serve")
+            .arg(&config)
+            .stdout(out.try_clone()?)
             .stderr(out)
             .spawn()
-            .expect("docker-registry starts");
+            .with_context(|| format!("starting {}", bin.display()))?;
         let proc = Proc(child);
-        wait_until("docker-registry", Duration::from_secs(20), || {
-            http_ok(&format!("http://{addr}/v2/"))
-        });
-        Registry {
+        let url = format!("http://{addr}/v2/");
+        let started = Instant::now();
+        while !http_ok(&url) {
+            if started.elapsed() > Duration::from_secs(20) {
+                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = said.lines().rev().take(5).collect();
+                anyhow::bail!(
+                    "docker-registry did not answer {url} within 20 s; the end of {}:\n{}",
+                    log.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Registry {
             addr,
             log,
             _proc: proc,
-        }
+        })
     }
 
     pub fn url(&self) -> String {

@@ -126,7 +126,18 @@ pub fn remove_dead_labs() {
 
 #[cfg(test)]
 mod tests {
-    use super::owner;
+    use super::{claim, owner};
+
+    #[test]
+    fn labs_side_by_side_get_ranges_of_their_own() {
+        // Root only, like the labs (the tests run as root: scripts/test.sh).
+        let a = claim().expect("a range (needs root for /run/shoal)");
+        let b = claim().expect("a second range");
+        assert_ne!(a.octet, b.octet);
+        drop(a);
+        let c = claim().expect("a range again");
+        assert_ne!(c.octet, b.octet);
+    }
 
     #[test]
     fn lab_objects_name_their_owner() {
