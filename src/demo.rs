@@ -102,7 +102,7 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
 
 /// The `shoald_blob_bytes_served_total{source=…}` value in a metrics text.
 pub fn served_from(metrics: &str, source: &str) -> u64 {
-    counter(
+    sample(
         metrics,
         &format!("shoald_blob_bytes_served_total{{source=\"{source}\"}}"),
     )
@@ -110,7 +110,7 @@ pub fn served_from(metrics: &str, source: &str) -> u64 {
 
 /// The `shoald_bytes_fetched_total{source=…}` value in a metrics text.
 pub fn fetched_from(metrics: &str, source: &str) -> u64 {
-    counter(
+    sample(
         metrics,
         &format!("shoald_bytes_fetched_total{{source=\"{source}\"}}"),
     )
@@ -118,21 +118,32 @@ pub fn fetched_from(metrics: &str, source: &str) -> u64 {
 
 /// The sum (seconds) and count of the peers' answer times a node measured.
 pub fn peer_answers(metrics: &str) -> (f64, u64) {
-    let sum = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("shoald_peer_answer_seconds_sum")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0);
-    (sum, counter(metrics, "shoald_peer_answer_seconds_count"))
+    (
+        sample(metrics, "shoald_peer_answer_seconds_sum"),
+        sample(metrics, "shoald_peer_answer_seconds_count"),
+    )
 }
 
-fn counter(metrics: &str, series: &str) -> u64 {
+/// The value of `series` in a metrics text (zero when it is absent).
+fn sample<T: std::str::FromStr + Default>(metrics: &str, series: &str) -> T {
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fetched_from, peer_answers};
+
+    #[test]
+    fn reads_counters_and_histogram_sums() {
+        let text = "shoald_bytes_fetched_total{source=\"Peer\"} 42\n\
+                    shoald_peer_answer_seconds_sum 0.25\n\
+                    shoald_peer_answer_seconds_count 5\n";
+        assert_eq!(fetched_from(text, "Peer"), 42);
+        assert_eq!(fetched_from(text, "Seed"), 0);
+        assert_eq!(peer_answers(text), (0.25, 5));
+        assert_eq!(peer_answers(""), (0.0, 0));
+    }
 }
