@@ -119,6 +119,9 @@ pub async fn fetch_piece(
     Ok(piece)
 }
 
+/// Buffers one `pwritev` takes at most (Linux's `IOV_MAX`).
+const MAX_IOV: usize = 1024;
+
 /// A piece's bytes, in the chunks they arrived in.
 #[derive(Debug, Clone, Default)]
 pub struct Piece {
@@ -136,10 +139,27 @@ impl Piece {
     }
 
     /// Writes the piece at `offset` of `file`. Blocks.
+    ///
+    /// All chunks in one vectored write (a few for more than [`MAX_IOV`] chunks): the
+    /// kernel then fills each page of the file at once. Written chunk by chunk (QUIC
+    /// delivers about 1.2 KB at a time), every page was first zeroed and then filled in
+    /// small pieces: a seventh of all CPU time in `shoal bench scale-out` on loopback;
+    /// one write per piece made that run's p50 4-5% shorter (three interleaved pairs).
     pub fn write_at(&self, file: &File, mut offset: u64) -> std::io::Result<()> {
-        for chunk in &self.chunks {
-            file.write_all_at(chunk, offset)?;
-            offset += chunk.len() as u64;
+        let mut slices: Vec<std::io::IoSlice<'_>> = self
+            .chunks
+            .iter()
+            .map(|c| std::io::IoSlice::new(c))
+            .collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            let batch = &rest[..rest.len().min(MAX_IOV)];
+            let written = rustix::io::pwritev(file, batch, offset)?;
+            if written == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            offset += written as u64;
+            std::io::IoSlice::advance_slices(&mut rest, written);
         }
         Ok(())
     }
@@ -334,5 +354,25 @@ mod tests {
             fetch_piece(&conn, digest, PieceIndex(0), 5).await,
             Err(PieceError::Protocol(_))
         ));
+    }
+
+    #[test]
+    fn a_piece_of_many_chunks_is_written_whole_at_its_offset() {
+        // More chunks than one vectored write takes, of uneven sizes.
+        let bytes: Vec<u8> = (0..3000u32 * 7).map(|i| (i % 241) as u8).collect();
+        let mut piece = Piece::default();
+        let (mut at, mut size) = (0, 1);
+        while at < bytes.len() {
+            let end = (at + size).min(bytes.len());
+            piece.push(Bytes::copy_from_slice(&bytes[at..end]));
+            (at, size) = (end, size % 13 + 1);
+        }
+        assert!(piece.chunks.len() > MAX_IOV);
+        let file = tempfile::tempfile().unwrap();
+        piece.write_at(&file, 5000).unwrap();
+        let mut back = vec![0u8; 5000 + bytes.len()];
+        file.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(&back[5000..], &bytes[..]);
+        assert!(back[..5000].iter().all(|&b| b == 0));
     }
 }
