@@ -29,6 +29,7 @@ fn spawn_in(lab: &Lab, host: usize, args: &[String], log: &Path) -> anyhow::Resu
     let mut cmd = lab.command(host, &std::env::current_exe()?);
     cmd.args(args)
         .env("SHOAL_LOG", crate::bench_scale::child_log_filter());
+    crate::node::dies_with_bench(&mut cmd);
     Proc::spawn_logged(cmd, log)
 }
 
@@ -236,6 +237,7 @@ async fn pull_all(
         if !ns.is_empty() {
             cmd.args(["--ns", ns]);
         }
+        crate::node::dies_with_bench(cmd.as_std_mut());
         let child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

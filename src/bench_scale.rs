@@ -258,6 +258,7 @@ pub(crate) fn child_log_filter() -> String {
 fn spawn_self(args: &[String], log: &Path) -> anyhow::Result<Proc> {
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.args(args).env("SHOAL_LOG", child_log_filter());
+    crate::node::dies_with_bench(&mut cmd);
     Proc::spawn_logged(cmd, log)
 }
 

@@ -72,9 +72,18 @@ async fn run() -> anyhow::Result<()> {
             let run = shoal::bench_scale::scale_out(&args).await?;
             shoal::report::finish(&run, args.json.as_deref(), args.report.as_deref())
         }
-        Command::NodeShoald(args) => shoal::node::shoald(args).await,
-        Command::NodeSupernode(args) => shoal::node::supernode(args).await,
-        Command::NodePull(args) => shoal::node::pull(args).await,
+        Command::NodeShoald(args) => {
+            shoal::node::die_with_bench()?;
+            shoal::node::shoald(args).await
+        }
+        Command::NodeSupernode(args) => {
+            shoal::node::die_with_bench()?;
+            shoal::node::supernode(args).await
+        }
+        Command::NodePull(args) => {
+            shoal::node::die_with_bench()?;
+            shoal::node::pull(args).await
+        }
         Command::Sim(args) => {
             let run = tokio::task::block_in_place(|| shoal::sim::run(&args))?;
             shoal::report::finish(&run, args.json.as_deref(), args.report.as_deref())

@@ -20,6 +20,31 @@ pub struct SupernodeArgs {
     pub insecure_registries: Vec<String>,
 }
 
+/// Names the process of the bench that started a node of its swarm: the node dies with
+/// it, also when it is killed with SIGKILL and cannot stop its nodes itself.
+const BENCH_PID: &str = "SHOAL_BENCH_PID";
+
+/// Makes `cmd`, a node of this process's bench swarm, die with this process.
+pub fn dies_with_bench(cmd: &mut std::process::Command) {
+    cmd.env(BENCH_PID, std::process::id().to_string());
+}
+
+/// In a node started by a bench: the kernel kills it when the bench's process ends, and
+/// it stops at once if that has already happened. Elsewhere, nothing.
+pub fn die_with_bench() -> anyhow::Result<()> {
+    let Ok(bench) = std::env::var(BENCH_PID) else {
+        return Ok(());
+    };
+    use rustix::process::{Signal, getppid, set_parent_process_death_signal};
+    set_parent_process_death_signal(Some(Signal::KILL))?;
+    let parent = getppid().map(|p| p.as_raw_nonzero().to_string());
+    anyhow::ensure!(
+        parent.as_deref() == Some(bench.as_str()),
+        "the bench that started this node (pid {bench}) is gone; stopping"
+    );
+    Ok(())
+}
+
 async fn stopped() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing a SIGTERM handler");

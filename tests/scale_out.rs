@@ -135,3 +135,63 @@ fn in_namespaces_the_caps_hold_the_registry_sends_the_image_once_and_bittorrent_
         "namespaces left behind: {names}"
     );
 }
+
+/// Whether process `pid` still runs (a zombie waiting to be reaped does not).
+fn runs(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|s| !s.trim().starts_with('Z'))
+    })
+}
+
+#[test]
+fn a_node_dies_with_the_bench_that_started_it() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let shoal = env!("CARGO_BIN_EXE_shoal");
+    let node = |data: &str| {
+        format!(
+            "{shoal} __supernode --listen 127.0.0.1:0 --api-listen 127.0.0.1:0 --data-dir {}",
+            dir.path().join(data).display()
+        )
+    };
+    // A stand-in for the bench: a shell that starts a node naming itself as its bench, as
+    // the bench does, says the node's pid and waits.
+    let script = format!(
+        "SHOAL_BENCH_PID=$$ {} 2>/dev/null & echo $!; wait",
+        node("a")
+    );
+    let mut bench = Command::new("sh")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(bench.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let pid: u32 = line.trim().parse().expect("the node's pid");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(runs(pid), "the node started");
+    // SIGKILL: the bench cannot stop its nodes; the kernel does.
+    bench.kill().unwrap();
+    bench.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while runs(pid) {
+        if std::time::Instant::now() > deadline {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("the node outlived its bench by 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // A node whose bench is already gone stops at once, saying why.
+    let out = Command::new("sh")
+        .args(["-c", &format!("SHOAL_BENCH_PID=1 {}", node("b"))])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("is gone"), "{said}");
+}
