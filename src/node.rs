@@ -25,6 +25,10 @@ pub struct SupernodeArgs {
 const BENCH_PID: &str = "SHOAL_BENCH_PID";
 
 /// Makes `cmd`, a node of this process's bench swarm, die with this process.
+///
+/// The kernel signals the node when the *thread* that started it ends: start nodes from a
+/// thread that lives as long as the bench (the one running the bench's future, or a
+/// runtime worker), never from `spawn_blocking`, whose threads end when idle.
 pub fn dies_with_bench(cmd: &mut std::process::Command) {
     cmd.env(BENCH_PID, std::process::id().to_string());
 }
