@@ -210,8 +210,17 @@ async fn start_origin(
         return Ok((Origin::External, addr));
     }
     if which::which("docker-registry").is_ok() {
-        let registry =
-            tokio::task::block_in_place(|| crate::testbed::Registry::try_start(dir, &[]))?;
+        // The registry dies with this process too, also on SIGKILL, like the nodes (see
+        // `node::dies_with_bench`), when util-linux's `setpriv` can ask the kernel for it.
+        let dies_with_bench: &[&str] = if which::which("setpriv").is_ok() {
+            &["setpriv", "--pdeathsig", "KILL", "--"]
+        } else {
+            &[]
+        };
+        let addr = format!("127.0.0.1:{}", crate::testbed::free_port());
+        let registry = tokio::task::block_in_place(|| {
+            crate::testbed::Registry::try_start_at(dir, &[], &addr, dies_with_bench)
+        })?;
         crate::registry::push(&registry.url(), REPO, TAG, image, None).await?;
         let addr = registry.addr.parse()?;
         return Ok((Origin::Docker(registry), addr));

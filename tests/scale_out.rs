@@ -195,3 +195,73 @@ fn a_node_dies_with_the_bench_that_started_it() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("is gone"), "{said}");
 }
+
+/// Processes (other than `except`) whose command line mentions `dir`.
+fn processes_under(dir: &Path, except: u32) -> Vec<(u32, String)> {
+    let dir = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != except && runs(pid))
+        .filter_map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.contains(&dir).then_some((pid, cmdline))
+        })
+        .collect()
+}
+
+#[test]
+fn the_swarm_and_its_registry_die_with_a_killed_bench() {
+    let dir = tempfile::tempdir().unwrap();
+    let keep = dir.path().join("keep");
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args([
+            "bench",
+            "scale-out",
+            "--nodes",
+            "3",
+            "--image-size",
+            "256MiB",
+        ])
+        .args(["--baseline", "", "--keep"])
+        .arg(&keep)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The registry, the supernode and three nodes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let started = loop {
+        let found = processes_under(&keep, bench.id());
+        if found.len() >= 5 {
+            break found;
+        }
+        if std::time::Instant::now() > deadline || bench.try_wait().unwrap().is_some() {
+            let _ = bench.kill();
+            panic!("the swarm did not start within 60 s: {found:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        started.iter().any(|(_, c)| c.contains("docker-registry")),
+        "the bench runs the real docker-registry (scripts/test.sh installs it): {started:?}"
+    );
+    // SIGKILL: the bench cannot stop anything; the kernel does.
+    bench.kill().unwrap();
+    bench.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = processes_under(&keep, bench.id());
+        if left.is_empty() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            for (pid, _) in &left {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+            panic!("processes outlived their bench by 10 s: {left:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
