@@ -177,14 +177,7 @@ fn a_node_dies_with_the_bench_that_started_it() {
     // SIGKILL: the bench cannot stop its nodes; the kernel does.
     bench.kill().unwrap();
     bench.wait().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while runs(pid) {
-        if std::time::Instant::now() > deadline {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            panic!("the node outlived its bench by 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    all_gone_within_10s(dir.path());
 
     // A node whose bench is already gone stops at once, saying why.
     let out = Command::new("sh")
@@ -194,6 +187,25 @@ fn a_node_dies_with_the_bench_that_started_it() {
     assert!(!out.status.success());
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("is gone"), "{said}");
+}
+
+/// Waits until no process mentions `dir` (their bench was killed); after 10 s, kills
+/// those left and fails naming them.
+fn all_gone_within_10s(dir: &Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = processes_under(dir, std::process::id());
+        if left.is_empty() {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            for (pid, _) in &left {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+            panic!("processes outlived their bench by 10 s: {left:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Processes (other than `except`) whose command line mentions `dir`.
@@ -250,18 +262,5 @@ fn the_swarm_and_its_registry_die_with_a_killed_bench() {
     // SIGKILL: the bench cannot stop anything; the kernel does.
     bench.kill().unwrap();
     bench.wait().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let left = processes_under(&keep, bench.id());
-        if left.is_empty() {
-            break;
-        }
-        if std::time::Instant::now() > deadline {
-            for (pid, _) in &left {
-                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            }
-            panic!("processes outlived their bench by 10 s: {left:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    all_gone_within_10s(&keep);
 }
