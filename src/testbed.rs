@@ -51,15 +51,23 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls `ready` until it holds, failing after `within`.
-pub fn wait_until(what: &str, within: Duration, mut ready: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, within: Duration, ready: impl FnMut() -> bool) {
+    assert!(
+        ready_within(within, ready),
+        "{what} not ready after {within:?}"
+    );
+}
+
+/// Polls `ready` every 50 ms; false when it did not hold within `within`.
+fn ready_within(within: Duration, mut ready: impl FnMut() -> bool) -> bool {
     let started = Instant::now();
     while !ready() {
-        assert!(
-            started.elapsed() < within,
-            "{what} not ready after {within:?}"
-        );
+        if started.elapsed() >= within {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+    true
 }
 
 fn http_ok(url: &str) -> bool {
@@ -173,18 +181,14 @@ impl Registry {
             .with_context(|| format!("starting {}", bin.display()))?;
         let proc = Proc(child);
         let url = format!("http://{addr}/v2/");
-        let started = Instant::now();
-        while !http_ok(&url) {
-            if started.elapsed() > Duration::from_secs(20) {
-                let said = std::fs::read_to_string(&log).unwrap_or_default();
-                let tail: Vec<&str> = said.lines().rev().take(5).collect();
-                anyhow::bail!(
-                    "docker-registry did not answer {url} within 20 s; the end of {}:\n{}",
-                    log.display(),
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if !ready_within(Duration::from_secs(20), || http_ok(&url)) {
+            let said = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = said.lines().rev().take(5).collect();
+            anyhow::bail!(
+                "docker-registry did not answer {url} within 20 s; the end of {}:\n{}",
+                log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
         Ok(Registry {
             addr,
