@@ -134,8 +134,16 @@ pub struct Planner {
     /// No more hashes will come (the supernode is gone): pieces without one come from the
     /// registry at once; peers still serve the pieces that can be checked.
     hashes_final: bool,
-    /// Reused space for ranking pieces: (holders, tie-break, piece).
+    /// The pieces beyond the window, rarest first: (holders, tie-break, piece). Kept from
+    /// plan to plan while the counts stay the same (a node plans once per piece and hears
+    /// of new counts once per offer); pieces had or requested since are skipped.
     ranked: Vec<(u16, u32, PieceIndex)>,
+    /// `ranked` is sorted below this index; beyond it only once it is needed.
+    sorted_upto: usize,
+    /// Entries of `ranked` below this are pieces this node has.
+    ranked_from: usize,
+    /// `ranked` no longer matches the counts (or ranks every piece, see `next_requests`).
+    ranked_stale: bool,
 }
 
 impl Planner {
@@ -161,6 +169,9 @@ impl Planner {
             registry_only: false,
             hashes_final: false,
             ranked: Vec::new(),
+            sorted_upto: 0,
+            ranked_from: 0,
+            ranked_stale: true,
         }
     }
 
@@ -169,6 +180,7 @@ impl Planner {
     pub fn offer(&mut self, parents: Vec<Parent>) {
         let count = self.layout.count();
         self.offers += 1;
+        self.ranked_stale = true;
         for p in parents {
             if !p.pieces.fits(count) || self.banned.contains(&p.node) {
                 continue;
@@ -229,7 +241,11 @@ impl Planner {
 
     /// Hashes of the first `n` pieces are known.
     pub fn hashes_known(&mut self, n: u32) {
-        self.hashes_known = self.hashes_known.max(n.min(self.layout.count()));
+        let n = n.min(self.layout.count());
+        if n > self.hashes_known {
+            self.hashes_known = n;
+            self.ranked_stale = true;
+        }
     }
 
     /// The client has been sent every piece below `piece`.
@@ -342,36 +358,41 @@ impl Planner {
             return out;
         }
 
-        // Beyond it, the rarest first. Only the first few are sorted unless more are needed.
-        let mut ranked = std::mem::take(&mut self.ranked);
-        ranked.clear();
-        let everything = PieceSet::full(if unserved_too { count } else { 0 });
-        let universe = if unserved_too {
-            &everything
-        } else {
-            &self.held
-        };
-        let in_window = self.cursor..window_end;
-        ranked.extend(
-            universe
-                .iter_without(&self.have, &self.requested)
-                .filter(|p| !in_window.contains(&p.0) && (unserved_too || p.0 < self.hashes_known))
-                .map(|p| {
-                    let tie = (p.0 + count - self.offset) % count;
-                    (self.holders[p.0 as usize], tie, p)
-                }),
-        );
+        // Beyond it, the rarest first.
         let slots = self.config.max_in_flight as usize - self.in_flight.len();
-        let head = (4 * slots).max(16).min(ranked.len());
-        if head < ranked.len() {
-            ranked.select_nth_unstable(head);
+        if unserved_too {
+            // Every piece is a candidate now: ranked afresh, and afresh again next time.
+            self.rank(&PieceSet::full(count), count, slots);
+            self.ranked_stale = true;
+        } else if self.ranked_stale {
+            let held = std::mem::replace(&mut self.held, PieceSet::empty(0));
+            self.rank(&held, self.hashes_known, slots);
+            self.held = held;
+            self.ranked_stale = false;
         }
-        ranked[..head].sort_unstable();
-        for i in 0..ranked.len() {
-            if i == head {
-                ranked[head..].sort_unstable();
+        while self
+            .ranked
+            .get(self.ranked_from)
+            .is_some_and(|r| self.have.contains(r.2))
+        {
+            self.ranked_from += 1;
+        }
+        let mut ranked = std::mem::take(&mut self.ranked);
+        let mut at = self.ranked_from;
+        while at < ranked.len() {
+            if at == self.sorted_upto {
+                ranked[at..].sort_unstable();
+                self.sorted_upto = ranked.len();
             }
-            if !self.consider(now, ranked[i].2, swarm_dead, &mut free, &mut out)
+            let piece = ranked[at].2;
+            at += 1;
+            if self.have.contains(piece)
+                || self.requested.contains(piece)
+                || (self.cursor..window_end).contains(&piece.0)
+            {
+                continue;
+            }
+            if !self.consider(now, piece, swarm_dead, &mut free, &mut out)
                 || (free.is_empty() && !unserved_too)
             {
                 break;
@@ -379,6 +400,31 @@ impl Planner {
         }
         self.ranked = ranked;
         out
+    }
+
+    /// Ranks the pieces of `universe` this node lacks, below `below`, rarest first; only
+    /// the first few are sorted (enough for `slots` requests), the rest once needed.
+    fn rank(&mut self, universe: &PieceSet, below: u32, slots: usize) {
+        let count = self.layout.count();
+        let mut ranked = std::mem::take(&mut self.ranked);
+        ranked.clear();
+        ranked.extend(
+            universe
+                .iter_without(&self.have, &self.have)
+                .filter(|p| p.0 < below)
+                .map(|p| {
+                    let tie = (p.0 + count - self.offset) % count;
+                    (self.holders[p.0 as usize], tie, p)
+                }),
+        );
+        let head = (4 * slots).max(16).min(ranked.len());
+        if head < ranked.len() {
+            ranked.select_nth_unstable(head);
+        }
+        ranked[..head].sort_unstable();
+        self.sorted_upto = head;
+        self.ranked_from = 0;
+        self.ranked = ranked;
     }
 
     /// Decides where `piece` comes from, if anywhere yet; false once no more requests fit.
@@ -437,6 +483,7 @@ impl Planner {
     /// flight still end (done or failed) as usual.
     fn ban(&mut self, node: NodeId) {
         self.banned.insert(node);
+        self.ranked_stale = true;
         if let Some(&at) = self.parent_at.get(&node) {
             let p = &mut self.parents[at];
             let pieces = std::mem::replace(&mut p.pieces, PieceSet::empty(0));
@@ -449,6 +496,7 @@ impl Planner {
     /// Forgets a parent: its pieces no longer count as held.
     fn drop_parent(&mut self, at: usize) {
         let p = self.parents.swap_remove(at);
+        self.ranked_stale = true;
         self.parent_at.remove(&p.node);
         if let Some(moved) = self.parents.get(at) {
             self.parent_at.insert(moved.node, at);
