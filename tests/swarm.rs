@@ -50,6 +50,13 @@ async fn supernode(dir: &std::path::Path, registry: &Registry) -> Supernode {
         .unwrap()
 }
 
+/// A supernode's `/status`.
+async fn status(client: &reqwest::Client, sn: &Supernode) -> serde_json::Value {
+    let url = format!("http://{}/status", sn.api_addr);
+    let text = client.get(url).send().await.unwrap().text().await.unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -255,15 +262,7 @@ fn a_corrupting_peer_is_banned_and_pulls_still_complete() {
         // Reports travel on their own; give the last one a moment.
         let mut status = serde_json::Value::Null;
         for _ in 0..50 {
-            let text = client
-                .get(format!("http://{}/status", sn.api_addr))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            status = serde_json::from_str(&text).unwrap();
+            status = self::status(&client, &sn).await;
             if status["banned"] == 1 {
                 break;
             }
@@ -407,15 +406,7 @@ fn a_restarted_supernode_learns_the_swarm_again() {
         get(&b).await; // the node reconnects, says hello, and announces blob a
         let mut status = serde_json::Value::Null;
         for _ in 0..50 {
-            let text = client
-                .get(format!("http://{}/status", sn.api_addr))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            status = serde_json::from_str(&text).unwrap();
+            status = self::status(&client, &sn).await;
             if status["tasks"] == 2 {
                 break;
             }
@@ -424,6 +415,132 @@ fn a_restarted_supernode_learns_the_swarm_again() {
         assert_eq!(
             status["tasks"], 2,
             "the restarted supernode knows only what was asked since: {status}"
+        );
+    });
+}
+
+/// A proxy in front of the registry that sends at most `rate` bytes a second to each
+/// client, so that a seed takes a while over a blob; returns its address.
+async fn slow_proxy(registry: &str, rate: u64) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let upstream = registry.to_owned();
+    tokio::spawn(async move {
+        // Bounded: the test makes a few dozen connections.
+        for _ in 0..256 {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (mut client_rx, mut client_tx) = client.into_split();
+                let (mut server_rx, mut server_tx) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_rx, &mut server_tx).await;
+                    let _ = server_tx.shutdown().await;
+                });
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let n = match server_rx.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if client_tx.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64)).await;
+                }
+                let _ = client_tx.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// The supernode of a blob dies mid-pull: the next supernode in the blob's order takes it
+/// over (seeds it once more and hears of every piece the nodes have), every pull completes,
+/// and the registry sends the blob about twice (once per seed), not once per node.
+#[test]
+fn when_the_blobs_supernode_dies_mid_pull_the_next_one_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path(), &[]);
+    let blob = random_blob(32 << 20, 7);
+    let rt = rt();
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        shoal::registry::push_blob(&client, &registry.url(), REPO, &blob, None)
+            .await
+            .unwrap();
+        // Seeding the blob takes the first supernode 4 s.
+        let proxy = slow_proxy(&registry.addr, 8 << 20).await;
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let first = Supernode::start(supernode_config(&a, &proxy, "127.0.0.1:0"))
+            .await
+            .unwrap();
+        // One cluster: the second supernode uses the first one's CA and join token.
+        std::fs::create_dir_all(b.join("supernode/ca")).unwrap();
+        for file in ["ca/ca.pem", "ca/ca.key", "join-token"] {
+            std::fs::copy(
+                a.join("supernode").join(file),
+                b.join("supernode").join(file),
+            )
+            .unwrap();
+        }
+        let second = Supernode::start(supernode_config(&b, &proxy, "127.0.0.1:0"))
+            .await
+            .unwrap();
+        let addrs = [first.quic_addr, second.quic_addr];
+        let ranked = shoal_daemon::swarm::rendezvous(&blob.digest, &addrs);
+        let (doomed, survivor) = if ranked[0] == first.quic_addr {
+            (first, second)
+        } else {
+            (second, first)
+        };
+        let supernodes: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+        let token = doomed.join_token.to_string();
+        let mut daemons = Vec::new();
+        for i in 0..4 {
+            daemons.push(daemon(dir.path(), i, &proxy, &supernodes, &token).await);
+        }
+        let digest = blob.digest;
+        let urls: Vec<String> = daemons
+            .iter()
+            .map(|(url, _)| format!("{url}/v2/{REPO}/blobs/{digest}?ns={proxy}"))
+            .collect();
+        let before = registry.blob_bytes_sent();
+        let pulls = tokio::spawn({
+            let client = client.clone();
+            async move { fetch_all_verified(&client, &urls, &digest).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(
+            !pulls.is_finished(),
+            "the pulls ended before the supernode died"
+        );
+        drop(doomed);
+        for r in tokio::time::timeout(HANG, pulls)
+            .await
+            .expect("pulls hung")
+            .unwrap()
+        {
+            r.unwrap();
+        }
+        let sent = registry.blob_bytes_sent() - before;
+        let len = blob.bytes.len() as u64;
+        println!("registry sent {sent} bytes for a {len}-byte blob");
+        let status = status(&client, &survivor).await;
+        assert_eq!(
+            status["tasks"], 1,
+            "the next supernode never took the blob: {status}"
+        );
+        // Once per seed, the first one's partly: far less than once per node.
+        assert!(
+            sent as f64 <= 2.2 * len as f64,
+            "registry sent {sent} bytes for a {len}-byte blob"
         );
     });
 }

@@ -94,7 +94,7 @@ impl P2pFetch<'_> {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
         };
-        let (supernode, reply) = self.swarm.want(req.digest, req.len, &origin).await?;
+        let (mut supernode, reply) = self.swarm.want(req.digest, req.len, &origin).await?;
         let (layout, mut hashes, parents) = match reply {
             FromSupernode::Task {
                 layout,
@@ -126,6 +126,9 @@ impl P2pFetch<'_> {
         // a supernode that stops answering must not slow the download.
         let mut supernode_lost = false;
         let mut supernode_failures = 0;
+        // A supernode that took over the blob mid-pull hears of every piece this node has
+        // with its first answer.
+        let mut took_over = false;
         let mut asking: Option<tokio::task::JoinHandle<anyhow::Result<Option<FromSupernode>>>> =
             None;
         let mut registry_failures = 0;
@@ -254,6 +257,11 @@ impl P2pFetch<'_> {
                                 hashes = more;
                                 planner.hashes_known(hashes.len() as u32);
                             }
+                            if std::mem::take(&mut took_over) {
+                                announce.clear();
+                                let checked = planner.have().iter().filter(|p| (p.0 as usize) < hashes.len());
+                                self.announce(supernode, checked.collect());
+                            }
                             addrs.extend(parents.iter().map(|p| (p.node, p.addr)));
                             planner.offer(parents);
                         }
@@ -267,14 +275,28 @@ impl P2pFetch<'_> {
                             tracing::info!(%supernode, error = %e, failures = supernode_failures, "supernode did not answer; asking again");
                         }
                         Err(e) => {
-                            tracing::warn!(%supernode, error = %e, "supernode lost mid-pull; pieces it had not hashed come from the registry");
                             self.swarm.forget(supernode);
-                            planner.hashes_final();
                             // The supernode was also the seed: it serves no more pieces.
                             for (node, _) in addrs.iter().filter(|(_, a)| **a == supernode) {
                                 planner.remove_parent(*node);
                             }
-                            supernode_lost = true;
+                            // The next supernode in the blob's order takes over: it seeds the
+                            // blob once more and its hashes come as its seed reads, while peers
+                            // go on trading what has hashes. Only without one do the pieces
+                            // nobody hashed come from the registry, each node fetching its own.
+                            match self.swarm.next_supernode(&req.digest, supernode) {
+                                Some(next) => {
+                                    tracing::warn!(lost = %supernode, %next, error = %e, "supernode lost mid-pull; the next one takes the blob over");
+                                    supernode = next;
+                                    supernode_failures = 0;
+                                    took_over = true;
+                                }
+                                None => {
+                                    tracing::warn!(%supernode, error = %e, "supernode lost mid-pull; pieces it had not hashed come from the registry");
+                                    planner.hashes_final();
+                                    supernode_lost = true;
+                                }
+                            }
                         }
                     }
                 }

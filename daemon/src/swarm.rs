@@ -142,6 +142,13 @@ impl Swarm {
         rendezvous(digest, &self.supernodes)
     }
 
+    /// The supernode after `lost` in the order this blob tries them, if any.
+    pub fn next_supernode(&self, digest: &BlobDigest, lost: SocketAddr) -> Option<SocketAddr> {
+        let ranked = self.ranked(digest);
+        let at = ranked.iter().position(|a| *a == lost)?;
+        ranked.get(at + 1).copied()
+    }
+
     /// Sends a control message; returns the answer for messages that have one.
     pub async fn control(
         &self,
