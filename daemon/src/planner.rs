@@ -94,6 +94,11 @@ struct ParentState {
 /// would scan thousands per plan.
 pub const FORGET_AFTER_OFFERS: u64 = 4;
 
+/// Parents known at once, each a bit of a piece's holder mask: offers name 8 and are
+/// forgotten after [`FORGET_AFTER_OFFERS`], so a node knows about 40 at most; parents
+/// offered beyond this are left out until others are forgotten.
+pub const MAX_PARENTS: usize = 64;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source {
     Peer(NodeId),
@@ -110,17 +115,19 @@ pub struct Planner {
     in_flight: HashMap<PieceIndex, (Source, Instant)>,
     /// The keys of `in_flight`, for fast scans.
     requested: PieceSet,
-    /// The parents of the last few offers; `parent_at` finds one by id.
-    parents: Vec<ParentState>,
+    /// The parents of the last few offers, each in a slot that stays its own while it is
+    /// known (its bit in `holding`); `parent_at` finds one by id.
+    parents: Vec<Option<ParentState>>,
     parent_at: HashMap<NodeId, usize>,
     /// Offers so far.
     offers: u64,
     /// Parents that sent bad data or are gone: never asked again.
     banned: HashSet<NodeId>,
-    /// How many parents that are not banned hold each piece this node lacks, and the
-    /// pieces at least one holds: kept as offers come, so that a plan costs little when
-    /// thousands run at once (`shoal sim`). Counts of pieces this node has are stale.
-    holders: Vec<u16>,
+    /// Which parents (slots) that are not banned hold each piece this node lacks, and the
+    /// pieces at least one holds: kept as offers come, so that a plan reads one word per
+    /// piece, not every parent's piece set (`shoal sim` runs thousands of planners).
+    /// Masks of pieces this node has are stale.
+    holding: Vec<u64>,
     held: PieceSet,
     /// Pieces below this have been handed to the client.
     cursor: u32,
@@ -160,7 +167,7 @@ impl Planner {
             parent_at: HashMap::new(),
             offers: 0,
             banned: HashSet::new(),
-            holders: vec![0; count as usize],
+            holding: vec![0; count as usize],
             held: PieceSet::empty(count),
             cursor: 0,
             last_progress: now,
@@ -185,33 +192,55 @@ impl Planner {
             if !p.pieces.fits(count) || self.banned.contains(&p.node) {
                 continue;
             }
-            let at = *self.parent_at.entry(p.node).or_insert_with(|| {
-                self.parents.push(ParentState {
-                    node: p.node,
-                    pieces: PieceSet::empty(count),
-                    in_flight: 0,
-                    rested_until: None,
-                    offered: 0,
-                });
-                self.parents.len() - 1
-            });
-            let state = &mut self.parents[at];
+            let at = match self.parent_at.get(&p.node) {
+                Some(&at) => at,
+                None => {
+                    let Some(at) = self.free_slot() else { continue };
+                    self.parents[at] = Some(ParentState {
+                        node: p.node,
+                        pieces: PieceSet::empty(count),
+                        in_flight: 0,
+                        rested_until: None,
+                        offered: 0,
+                    });
+                    self.parent_at.insert(p.node, at);
+                    at
+                }
+            };
+            let Some(state) = self.parents[at].as_mut() else {
+                continue;
+            };
             state.offered = self.offers;
-            // Pieces this node has are left out: their counts no longer matter.
+            // Pieces this node has are left out: who holds them no longer matters.
             for (piece, added) in state.pieces.changes(&p.pieces, &self.have) {
-                count_holder(&mut self.holders, &mut self.held, piece, added);
+                note_holder(&mut self.holding, &mut self.held, piece, at, added);
             }
             state.pieces = p.pieces;
         }
-        let mut at = 0;
-        while at < self.parents.len() {
-            let p = &self.parents[at];
-            if p.in_flight == 0 && p.offered + FORGET_AFTER_OFFERS <= self.offers {
+        for at in 0..self.parents.len() {
+            let forgotten = self.parents[at].as_ref().is_some_and(|p| {
+                p.in_flight == 0 && p.offered + FORGET_AFTER_OFFERS <= self.offers
+            });
+            if forgotten {
                 self.drop_parent(at);
-            } else {
-                at += 1;
             }
         }
+    }
+
+    /// A slot for a new parent, if fewer than [`MAX_PARENTS`] are known.
+    fn free_slot(&mut self) -> Option<usize> {
+        if let Some(at) = self.parents.iter().position(Option::is_none) {
+            return Some(at);
+        }
+        (self.parents.len() < MAX_PARENTS).then(|| {
+            self.parents.push(None);
+            self.parents.len() - 1
+        })
+    }
+
+    fn parent_mut(&mut self, node: NodeId) -> Option<&mut ParentState> {
+        let &at = self.parent_at.get(&node)?;
+        self.parents[at].as_mut()
     }
 
     /// From now on, every missing piece comes from the registry.
@@ -271,8 +300,7 @@ impl Planner {
         match self.untrack(piece) {
             Some((Source::Peer(parent), _)) => {
                 self.last_peer_progress = now;
-                if let Some(&at) = self.parent_at.get(&parent) {
-                    let p = &mut self.parents[at];
+                if let Some(p) = self.parent_mut(parent) {
                     p.in_flight = p.in_flight.saturating_sub(1);
                 }
             }
@@ -290,19 +318,20 @@ impl Planner {
             return;
         };
         let Source::Peer(parent) = source else { return };
-        let Some(&at) = self.parent_at.get(&parent) else {
+        let (hashes_final, rest, rest_busy) =
+            (self.hashes_final, self.config.rest, self.config.rest_busy);
+        let Some(p) = self.parent_mut(parent) else {
             return;
         };
-        let p = &mut self.parents[at];
         p.in_flight = p.in_flight.saturating_sub(1);
         match failure {
             // Without a supernode nothing will say the parent is back: its pieces no longer
             // count as held, so that those only it had come from the registry now, not
             // after a stall (`shoal sim`, 20 nodes, a supernode dying while nodes leave:
             // p99 14 s instead of 2.6 s).
-            Failure::Unavailable if self.hashes_final => self.ban(parent),
-            Failure::Unavailable => p.rested_until = Some(now + self.config.rest),
-            Failure::Busy => p.rested_until = Some(now + self.config.rest_busy),
+            Failure::Unavailable if hashes_final => self.ban(parent),
+            Failure::Unavailable => p.rested_until = Some(now + rest),
+            Failure::Busy => p.rested_until = Some(now + rest_busy),
             Failure::BadData => self.ban(parent),
         }
     }
@@ -335,12 +364,16 @@ impl Planner {
         let stalled = now.duration_since(self.last_progress) > self.config.stall_after;
         // Whether pieces that no parent can serve may still be asked of the registry.
         let unserved_too = swarm_dead || self.hashes_final;
-        let mut free: Vec<usize> = (0..self.parents.len())
-            .filter(|&at| {
-                let p = &self.parents[at];
-                self.usable(now, p) && p.in_flight < self.config.per_parent
-            })
-            .collect();
+        // The parents that may be asked now, a bit each.
+        let mut free: u64 = 0;
+        for (at, p) in self.parents.iter().enumerate() {
+            if let Some(p) = p
+                && self.usable(now, p)
+                && p.in_flight < self.config.per_parent
+            {
+                free |= 1 << at;
+            }
+        }
 
         // The streaming window first, in order.
         let count = self.layout.count();
@@ -354,7 +387,7 @@ impl Planner {
                 return out;
             }
         }
-        if free.is_empty() && !unserved_too {
+        if free == 0 && !unserved_too {
             return out;
         }
 
@@ -393,7 +426,7 @@ impl Planner {
                 continue;
             }
             if !self.consider(now, piece, swarm_dead, &mut free, &mut out)
-                || (free.is_empty() && !unserved_too)
+                || (free == 0 && !unserved_too)
             {
                 break;
             }
@@ -414,7 +447,7 @@ impl Planner {
                 .filter(|p| p.0 < below)
                 .map(|p| {
                     let tie = (p.0 + count - self.offset) % count;
-                    (self.holders[p.0 as usize], tie, p)
+                    (self.holding[p.0 as usize].count_ones() as u16, tie, p)
                 }),
         );
         let head = (4 * slots).max(16).min(ranked.len());
@@ -433,21 +466,22 @@ impl Planner {
         now: Instant,
         piece: PieceIndex,
         to_registry: bool,
-        free: &mut Vec<usize>,
+        free: &mut u64,
         out: &mut Vec<Request>,
     ) -> bool {
         let parent = if to_registry {
             None
         } else {
-            self.pick_parent(piece, free)
+            self.pick_parent(piece, *free)
         };
         match parent {
-            Some(at) => {
-                let p = &mut self.parents[at];
-                p.in_flight += 1;
-                let (node, full) = (p.node, p.in_flight >= self.config.per_parent);
-                if full {
-                    free.retain(|&f| f != at);
+            Some((at, node)) => {
+                let per_parent = self.config.per_parent;
+                if let Some(p) = self.parents[at].as_mut() {
+                    p.in_flight += 1;
+                    if p.in_flight >= per_parent {
+                        *free &= !(1 << at);
+                    }
                 }
                 self.track(piece, Source::Peer(node), now);
                 out.push(Request::Peer {
@@ -459,7 +493,7 @@ impl Planner {
             // checked, or that no remaining parent holds, comes from the registry now.
             None if to_registry
                 || (self.hashes_final
-                    && (piece.0 >= self.hashes_known || self.holders[piece.0 as usize] == 0)) =>
+                    && (piece.0 >= self.hashes_known || self.holding[piece.0 as usize] == 0)) =>
             {
                 self.track(piece, Source::Registry, now);
                 out.push(Request::Registry { piece });
@@ -484,25 +518,25 @@ impl Planner {
     fn ban(&mut self, node: NodeId) {
         self.banned.insert(node);
         self.ranked_stale = true;
-        if let Some(&at) = self.parent_at.get(&node) {
-            let p = &mut self.parents[at];
+        if let Some(&at) = self.parent_at.get(&node)
+            && let Some(p) = self.parents[at].as_mut()
+        {
             let pieces = std::mem::replace(&mut p.pieces, PieceSet::empty(0));
             for piece in pieces.iter_without(&self.have, &self.have) {
-                count_holder(&mut self.holders, &mut self.held, piece, false);
+                note_holder(&mut self.holding, &mut self.held, piece, at, false);
             }
         }
     }
 
     /// Forgets a parent: its pieces no longer count as held.
     fn drop_parent(&mut self, at: usize) {
-        let p = self.parents.swap_remove(at);
+        let Some(p) = self.parents[at].take() else {
+            return;
+        };
         self.ranked_stale = true;
         self.parent_at.remove(&p.node);
-        if let Some(moved) = self.parents.get(at) {
-            self.parent_at.insert(moved.node, at);
-        }
         for piece in p.pieces.iter_without(&self.have, &self.have) {
-            count_holder(&mut self.holders, &mut self.held, piece, false);
+            note_holder(&mut self.holding, &mut self.held, piece, at, false);
         }
     }
 
@@ -514,35 +548,50 @@ impl Planner {
         !self.banned.contains(&p.node) && p.rested_until.is_none_or(|t| now >= t)
     }
 
-    /// Among the parents with a free slot, the least busy that holds `piece`.
-    fn pick_parent(&self, piece: PieceIndex, free: &[usize]) -> Option<usize> {
+    /// Among the parents that may be asked (`free`), the least busy that holds `piece`:
+    /// its slot and id.
+    fn pick_parent(&self, piece: PieceIndex, free: u64) -> Option<(usize, NodeId)> {
         // A piece whose hash is unknown cannot be checked: it waits for the hash (or goes
         // to the registry, which the whole-blob sha256 covers).
-        if piece.0 >= self.hashes_known || self.holders[piece.0 as usize] == 0 {
+        if piece.0 >= self.hashes_known {
             return None;
         }
-        free.iter()
-            .copied()
-            .filter(|&at| self.parents[at].pieces.contains(piece))
+        let mut candidates = self.holding.get(piece.0 as usize)? & free;
+        let mut best: Option<((u32, u64), usize, NodeId)> = None;
+        while candidates != 0 {
+            let at = candidates.trailing_zeros() as usize;
+            candidates &= candidates - 1;
+            let Some(p) = self.parents[at].as_ref() else {
+                continue;
+            };
             // Least busy first; ties broken differently on every node, or all nodes would
             // crowd the same parent (the one with the lowest id).
-            .min_by_key(|&at| {
-                let p = &self.parents[at];
-                (p.in_flight, self.spread(p.node))
-            })
+            let key = (p.in_flight, self.spread(p.node));
+            if best.is_none_or(|(k, ..)| key < k) {
+                best = Some((key, at, p.node));
+            }
+        }
+        best.map(|(_, at, node)| (at, node))
     }
 }
 
-fn count_holder(holders: &mut [u16], held: &mut PieceSet, piece: PieceIndex, added: bool) {
-    let Some(n) = holders.get_mut(piece.0 as usize) else {
+/// Parent `slot` now holds `piece` (`added`) or no longer does.
+fn note_holder(
+    holding: &mut [u64],
+    held: &mut PieceSet,
+    piece: PieceIndex,
+    slot: usize,
+    added: bool,
+) {
+    let Some(mask) = holding.get_mut(piece.0 as usize) else {
         return;
     };
     if added {
-        *n = n.saturating_add(1);
+        *mask |= 1 << slot;
         held.insert(piece);
     } else {
-        *n = n.saturating_sub(1);
-        if *n == 0 {
+        *mask &= !(1 << slot);
+        if *mask == 0 {
             held.remove(piece);
         }
     }
@@ -871,7 +920,8 @@ mod tests {
         for _ in 0..FORGET_AFTER_OFFERS {
             p.offer(vec![parent(3, 20, (0..20).filter(|i| *i != 12))]);
         }
-        assert_eq!(p.parents.len(), 1);
+        assert_eq!(p.parents.iter().flatten().count(), 1);
+        assert_eq!(p.parent_at.len(), 1);
         let reqs = p.next_requests(now);
         assert_eq!(reqs.len(), 4, "per_parent requests to parent 3: {reqs:?}");
         assert!(
