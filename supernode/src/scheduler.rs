@@ -10,9 +10,10 @@
 //! - only peers that hold pieces the asker lacks;
 //! - look at a bounded sample of holders per decision ([`SchedulerConfig::sample`],
 //!   rotating through all of them across decisions) plus every seed, so that a decision
-//!   costs the same with 100 or 100,000 peers in a task;
-//! - a peer whose last report (at most [`UPLOADS_FRESH`] old) says its upload slots are
-//!   all taken comes after every other: it would only answer "busy";
+//!   costs the same with 100 or 100,000 peers in a task; an answer's worth of useful
+//!   holders in the asker's zone ends the look early (the rotation spreads the load);
+//! - among those looked at, a peer whose last report (at most [`UPLOADS_FRESH`] old) says
+//!   its upload slots are all taken comes after every other: it would only answer "busy";
 //! - spread upload load: a peer already handed out `max_uploads_per_parent` times within the
 //!   load window is skipped while others remain;
 //! - prefer the asker's zone, then the least loaded, then the one with most useful pieces;
@@ -423,8 +424,13 @@ impl Scheduler {
         // many hold nothing the asker lacks, and scanning all of them would make every
         // decision cost the whole swarm.
         let scan_limit = seeds.len() + SCAN_PER_SAMPLE * self.config.sample;
+        // An answer's worth of useful holders in the asker's zone ends the scan: the rest
+        // of the sample could only reorder them by reported slots, load and usefulness,
+        // each at the cost of a cold piece set, and the rotating start spreads the load by
+        // itself (`shoal sim`, 10,000 nodes x 1 GiB: 118 -> 72 s, p50 no worse anywhere).
+        let mut in_zone = 0;
         for node in order.take(scan_limit) {
-            if candidates.len() >= self.config.sample {
+            if candidates.len() >= self.config.sample || in_zone >= self.config.parents_per_answer {
                 break;
             }
             scanned += 1;
@@ -464,6 +470,7 @@ impl Scheduler {
             let full = peer
                 .full_at
                 .is_some_and(|t| now.duration_since(t) <= UPLOADS_FRESH);
+            in_zone += usize::from(peer.zone == asker_zone);
             // Sort key: free upload slots first, under the cap first, same zone first,
             // least loaded, most useful.
             candidates.push((
@@ -697,31 +704,32 @@ mod tests {
 
     #[test]
     fn peers_with_full_uploads_come_last_until_their_report_is_old() {
-        let (mut s, mut clock, d, layout) = setup(12, |_| "a");
-        for i in 0..10 {
+        // Fewer holders than an answer holds: every one is looked at and ranked.
+        let (mut s, mut clock, d, layout) = setup(8, |_| "a");
+        for i in 0..6 {
             s.have(clock.now(), NodeId(i), &d, &all(&layout)).unwrap();
         }
         let full = Uploads {
             sending: 4,
             slots: 4,
         };
-        for i in 0..8 {
+        for i in 0..4 {
             s.uploads(clock.now(), NodeId(i), full);
         }
         s.uploads(
             clock.now(),
-            NodeId(8),
+            NodeId(4),
             Uploads {
                 sending: 3,
                 slots: 4,
             },
         );
-        let first: Vec<NodeId> = s.parents(clock.now(), NodeId(10), &d).unwrap()[..2]
+        let first: Vec<NodeId> = s.parents(clock.now(), NodeId(6), &d).unwrap()[..2]
             .iter()
             .map(|p| p.node)
             .collect();
         assert!(
-            first.contains(&NodeId(8)) && first.contains(&NodeId(9)),
+            first.contains(&NodeId(4)) && first.contains(&NodeId(5)),
             "the two with free slots first: {first:?}"
         );
         // A slot freed and reported: no longer last.
@@ -733,18 +741,64 @@ mod tests {
                 slots: 4,
             },
         );
-        let parents = s.parents(clock.now(), NodeId(11), &d).unwrap();
+        let parents = s.parents(clock.now(), NodeId(7), &d).unwrap();
         assert!(
             parents[..3].iter().any(|p| p.node == NodeId(0)),
             "{parents:?}"
         );
         // Reports that old say nothing: every holder is a candidate on its other merits.
         clock.advance(UPLOADS_FRESH + Duration::from_millis(1));
-        let parents = s.parents(clock.now(), NodeId(10), &d).unwrap();
+        let parents = s.parents(clock.now(), NodeId(6), &d).unwrap();
+        let at = |n: u64| parents.iter().position(|p| p.node == NodeId(n));
         assert!(
-            (1..8).contains(&parents[0].node.0),
-            "the least handed out comes first again: {parents:?}"
+            at(1) < at(5),
+            "handed out as often, a holder once full is no longer last: {parents:?}"
         );
+    }
+
+    #[test]
+    fn an_answers_worth_of_holders_in_the_askers_zone_ends_the_scan() {
+        let (mut s, clock, d, layout) = setup(40, |i| if i < 30 { "a" } else { "b" });
+        for i in 0..30 {
+            s.have(clock.now(), NodeId(i), &d, &all(&layout)).unwrap();
+        }
+        // Successive answers move on through the holders: each holder is handed out
+        // about as often as the others without a ranking by load.
+        let mut handed = HashMap::new();
+        for asker in 30..40 {
+            let parents = s.parents(clock.now(), NodeId(asker), &d).unwrap();
+            assert_eq!(parents.len(), 8);
+            for p in parents {
+                *handed.entry(p.node).or_insert(0) += 1;
+            }
+        }
+        assert_eq!(handed.len(), 30, "every holder in turn: {handed:?}");
+        assert!(handed.values().all(|n| (2..=3).contains(n)), "{handed:?}");
+    }
+
+    #[test]
+    fn holders_past_an_answers_worth_in_the_askers_zone_are_not_read() {
+        let (mut s, clock, d, layout) = setup(17, |_| "a");
+        for i in 0..16 {
+            s.have(clock.now(), NodeId(i), &d, &all(&layout)).unwrap();
+        }
+        let full = Uploads {
+            sending: 4,
+            slots: 4,
+        };
+        for i in 0..8 {
+            s.uploads(clock.now(), NodeId(i), full);
+        }
+        // The first 8 in turn end the scan, full or not: ranking more would cost a piece
+        // set read each, and a full parent answers "busy" and is rested a moment.
+        let mut parents: Vec<u64> = s
+            .parents(clock.now(), NodeId(16), &d)
+            .unwrap()
+            .iter()
+            .map(|p| p.node.0)
+            .collect();
+        parents.sort_unstable();
+        assert_eq!(parents, (0..8).collect::<Vec<_>>());
     }
 
     #[test]
