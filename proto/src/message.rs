@@ -445,6 +445,12 @@ mod tests {
                 if added { applied.insert(i) } else { applied.remove(i) }
             }
             proptest::prop_assert_eq!(&applied, &a);
+            let slow: Vec<(PieceIndex, bool)> = (0..count)
+                .map(PieceIndex)
+                .filter(|i| own.contains(*i) != a.contains(*i) && !b.contains(*i))
+                .map(|i| (i, a.contains(i)))
+                .collect();
+            proptest::prop_assert_eq!(own.changes(&a, &b).collect::<Vec<_>>(), slow);
         }
     }
 
