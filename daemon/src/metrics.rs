@@ -112,7 +112,8 @@ impl Default for Metrics {
         r.register(
             "peer_answer_seconds",
             "From a piece request to the peer's answer (the piece's first bytes, or busy): \
-             the round trip with the queues on the way",
+             the round trip with the queues on the way, and up to 100 ms waiting for one \
+             of the peer's upload slots",
             m.peer_answer.clone(),
         );
         m
