@@ -101,7 +101,9 @@ pub const MAX_PARENTS: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source {
-    Peer(NodeId),
+    /// A parent, and its slot in `parents` when asked (still its own while the request is
+    /// in flight: a parent is forgotten only with nothing in flight).
+    Peer(NodeId, usize),
     Registry,
 }
 
@@ -112,7 +114,8 @@ pub struct Planner {
     have: PieceSet,
     /// Hashes are known for pieces below this index.
     hashes_known: u32,
-    in_flight: HashMap<PieceIndex, (Source, Instant)>,
+    /// Requests in flight: a few (`max_in_flight`), so a list is quicker than a map.
+    in_flight: Vec<(PieceIndex, Source, Instant)>,
     /// The keys of `in_flight`, for fast scans.
     requested: PieceSet,
     /// The parents of the last few offers, each in a slot that stays its own while it is
@@ -161,7 +164,7 @@ impl Planner {
             layout,
             have: PieceSet::empty(count),
             hashes_known: 0,
-            in_flight: HashMap::new(),
+            in_flight: Vec::new(),
             requested: PieceSet::empty(count),
             parents: Vec::new(),
             parent_at: HashMap::new(),
@@ -238,8 +241,12 @@ impl Planner {
         })
     }
 
-    fn parent_mut(&mut self, node: NodeId) -> Option<&mut ParentState> {
-        let &at = self.parent_at.get(&node)?;
+    /// A parent, looked for first in the slot it had.
+    fn parent_in(&mut self, node: NodeId, at: usize) -> Option<&mut ParentState> {
+        let at = match self.parents.get(at) {
+            Some(Some(p)) if p.node == node => at,
+            _ => *self.parent_at.get(&node)?,
+        };
         self.parents[at].as_mut()
     }
 
@@ -255,8 +262,8 @@ impl Planner {
         let gone: Vec<PieceIndex> = self
             .in_flight
             .iter()
-            .filter(|(_, (source, _))| *source == Source::Peer(node))
-            .map(|(piece, _)| *piece)
+            .filter(|(_, source, _)| matches!(source, Source::Peer(n, _) if *n == node))
+            .map(|(piece, _, _)| *piece)
             .collect();
         for piece in gone {
             self.untrack(piece);
@@ -298,9 +305,9 @@ impl Planner {
     /// A piece arrived and passed its hash.
     pub fn done(&mut self, now: Instant, piece: PieceIndex) {
         match self.untrack(piece) {
-            Some((Source::Peer(parent), _)) => {
+            Some((Source::Peer(parent, at), _)) => {
                 self.last_peer_progress = now;
-                if let Some(p) = self.parent_mut(parent) {
+                if let Some(p) = self.parent_in(parent, at) {
                     p.in_flight = p.in_flight.saturating_sub(1);
                 }
             }
@@ -317,10 +324,12 @@ impl Planner {
         let Some((source, _)) = self.untrack(piece) else {
             return;
         };
-        let Source::Peer(parent) = source else { return };
+        let Source::Peer(parent, at) = source else {
+            return;
+        };
         let (hashes_final, rest, rest_busy) =
             (self.hashes_final, self.config.rest, self.config.rest_busy);
-        let Some(p) = self.parent_mut(parent) else {
+        let Some(p) = self.parent_in(parent, at) else {
             return;
         };
         p.in_flight = p.in_flight.saturating_sub(1);
@@ -341,10 +350,10 @@ impl Planner {
         let timed_out: Vec<PieceIndex> = self
             .in_flight
             .iter()
-            .filter(|(_, (s, at))| {
+            .filter(|(_, s, at)| {
                 *s != Source::Registry && now.duration_since(*at) > self.config.piece_timeout
             })
-            .map(|(p, _)| *p)
+            .map(|(p, _, _)| *p)
             .collect();
         for piece in timed_out {
             self.failed(now, piece, Failure::Unavailable);
@@ -483,7 +492,7 @@ impl Planner {
                         *free &= !(1 << at);
                     }
                 }
-                self.track(piece, Source::Peer(node), now);
+                self.track(piece, Source::Peer(node, at), now);
                 out.push(Request::Peer {
                     parent: node,
                     piece,
@@ -504,13 +513,15 @@ impl Planner {
     }
 
     fn track(&mut self, piece: PieceIndex, source: Source, now: Instant) {
-        self.in_flight.insert(piece, (source, now));
+        self.in_flight.push((piece, source, now));
         self.requested.insert(piece);
     }
 
     fn untrack(&mut self, piece: PieceIndex) -> Option<(Source, Instant)> {
         self.requested.remove(piece);
-        self.in_flight.remove(&piece)
+        let at = self.in_flight.iter().position(|(p, _, _)| *p == piece)?;
+        let (_, source, since) = self.in_flight.swap_remove(at);
+        Some((source, since))
     }
 
     /// Never asks this parent again; its pieces no longer count as held. Its requests in
