@@ -114,10 +114,9 @@ pub struct Planner {
     have: PieceSet,
     /// Hashes are known for pieces below this index.
     hashes_known: u32,
-    /// Requests in flight: a few (`max_in_flight`), so a list is quicker than a map.
+    /// Requests in flight: a few (`max_in_flight`), so a list read in place is quicker than
+    /// a map or a piece set (a cold allocation each).
     in_flight: Vec<(PieceIndex, Source, Instant)>,
-    /// The keys of `in_flight`, for fast scans.
-    requested: PieceSet,
     /// The parents of the last few offers, each in a slot that stays its own while it is
     /// known (its bit in `holding`); `parent_at` finds one by id.
     parents: Vec<Option<ParentState>>,
@@ -165,7 +164,6 @@ impl Planner {
             have: PieceSet::empty(count),
             hashes_known: 0,
             in_flight: Vec::new(),
-            requested: PieceSet::empty(count),
             parents: Vec::new(),
             parent_at: HashMap::new(),
             offers: 0,
@@ -389,7 +387,7 @@ impl Planner {
         let window_end = (self.cursor + self.config.window).min(count);
         for i in self.cursor..window_end {
             let piece = PieceIndex(i);
-            if self.have.contains(piece) || self.requested.contains(piece) {
+            if self.have.contains(piece) || self.is_requested(piece) {
                 continue;
             }
             if !self.consider(now, piece, swarm_dead || stalled, &mut free, &mut out) {
@@ -429,7 +427,7 @@ impl Planner {
             let piece = ranked[at].2;
             at += 1;
             if self.have.contains(piece)
-                || self.requested.contains(piece)
+                || self.is_requested(piece)
                 || (self.cursor..window_end).contains(&piece.0)
             {
                 continue;
@@ -514,11 +512,13 @@ impl Planner {
 
     fn track(&mut self, piece: PieceIndex, source: Source, now: Instant) {
         self.in_flight.push((piece, source, now));
-        self.requested.insert(piece);
+    }
+
+    fn is_requested(&self, piece: PieceIndex) -> bool {
+        self.in_flight.iter().any(|(p, _, _)| *p == piece)
     }
 
     fn untrack(&mut self, piece: PieceIndex) -> Option<(Source, Instant)> {
-        self.requested.remove(piece);
         let at = self.in_flight.iter().position(|(p, _, _)| *p == piece)?;
         let (_, source, since) = self.in_flight.swap_remove(at);
         Some((source, since))
