@@ -752,8 +752,8 @@ impl Sim {
             self.fail(t + self.rtt, pull, piece, Failure::Busy);
         } else if let Some(planner) = self.pulls[pull as usize].planner.as_mut() {
             // At zero round trip the pull plans again at its next event, not at once: the
-            // daemon would, but here that costs twice the wall time for the same
-            // completion times (docs/benchmarks.md).
+            // daemon would, but here that costs wall time for about the same completion
+            // times (1,000 x 1 GiB: 6.3 s instead of 4.9 s, p50 1.246x instead of 1.253x).
             planner.failed(self.base + Duration::from_secs_f64(t), piece, Failure::Busy);
         }
     }
