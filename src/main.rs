@@ -1,5 +1,8 @@
 //! `shoal`: demo and benchmarks of the shoal image distribution system.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 
 /// shoal: peer-to-peer container image distribution. This tool shows and measures it.
