@@ -249,7 +249,6 @@ impl LazyPlanner {
 struct Node {
     join_at: f64,
     leave_at: Option<f64>,
-    left: bool,
     pulls_left: usize,
     done_at: Option<f64>,
 }
@@ -339,6 +338,8 @@ struct Sim {
     blobs: Vec<Blob>,
     sns: Vec<Supernode>,
     nodes: Vec<Node>,
+    /// Which nodes left (apart from [`Node`]: read on every request, it stays in cache).
+    left: Vec<bool>,
     pulls: Vec<Pull>,
     /// (next question time, pull), soonest first.
     asks: BinaryHeap<std::cmp::Reverse<(u64, u32)>>,
@@ -435,7 +436,6 @@ impl Sim {
                 Node {
                     join_at,
                     leave_at,
-                    left: false,
                     pulls_left: args.layers,
                     done_at: None,
                 }
@@ -466,6 +466,7 @@ impl Sim {
             blobs,
             sns,
             nodes,
+            left: vec![false; n],
             pulls,
             asks: BinaryHeap::new(),
             touched: Vec::new(),
@@ -589,7 +590,8 @@ impl Sim {
         let failures = self
             .nodes
             .iter()
-            .filter(|n| !n.left && n.done_at.is_none())
+            .zip(&self.left)
+            .filter(|(n, left)| !**left && n.done_at.is_none())
             .count();
         Outcome {
             registry_egress_bytes: self.bytes.registry as u64,
@@ -647,7 +649,7 @@ impl Sim {
     fn ask(&mut self, t: f64, pull: u32) {
         let now = self.now(t);
         let p = &mut self.pulls[pull as usize];
-        if p.done || self.nodes[p.node as usize].left {
+        if p.done || self.left[p.node as usize] {
             return;
         }
         if p.lost {
@@ -715,9 +717,9 @@ impl Sim {
     fn plan(&mut self, t: f64) {
         let now = self.now(t);
         let touched = std::mem::take(&mut self.touched);
-        let nodes = &self.nodes;
+        let left = &self.left;
         let decide = |p: &mut Pull| {
-            if p.done || nodes[p.node as usize].left {
+            if p.done || left[p.node as usize] {
                 return;
             }
             if let Some(planner) = p.planner.as_mut().map(LazyPlanner::get) {
@@ -740,7 +742,7 @@ impl Sim {
         }
         for &pull in &touched {
             let p = &mut self.pulls[pull as usize];
-            if p.done || self.nodes[p.node as usize].left || p.planner.is_none() {
+            if p.done || self.left[p.node as usize] || p.planner.is_none() {
                 continue;
             }
             for request in std::mem::take(&mut p.requests) {
@@ -783,7 +785,7 @@ impl Sim {
                     (self.seed_host(sn), Src::Seed, !self.sns[sn].alive)
                 } else {
                     let host = (parent.0 - 1) as Host;
-                    (host, Src::Peer, self.nodes[host as usize].left)
+                    (host, Src::Peer, self.left[host as usize])
                 };
                 if gone {
                     self.fail(t, pull, piece, Failure::Unavailable);
@@ -884,7 +886,7 @@ impl Sim {
     fn release(&mut self, host: Host) {
         self.uploads[host as usize] -= 1;
         while let Some(w) = self.waiting[host as usize].pop_front() {
-            if self.nodes[w.to as usize].left {
+            if self.left[w.to as usize] {
                 continue;
             }
             // Its bytes leave once the request is there, and take half a round trip.
@@ -937,7 +939,7 @@ impl Sim {
                     // A host that left (or a seed whose supernode died) meanwhile sends
                     // nothing: the request fails as a cut flow would.
                     let gone = |h: Host| match (h as usize).checked_sub(self.nodes.len()) {
-                        None => self.nodes[h as usize].left,
+                        None => self.left[h as usize],
                         Some(sn) => self.sns.get(sn).is_some_and(|s| !s.alive),
                     };
                     if gone(from) || gone(to) {
@@ -1005,7 +1007,7 @@ impl Sim {
                 }
                 let n = &mut self.nodes[node as usize];
                 n.pulls_left -= 1;
-                if n.pulls_left == 0 && !n.left {
+                if n.pulls_left == 0 && !self.left[node as usize] {
                     n.done_at = Some(t);
                     return Some(node);
                 }
@@ -1031,7 +1033,7 @@ impl Sim {
     }
 
     fn leave(&mut self, t: f64, node: u32) {
-        self.nodes[node as usize].left = true;
+        self.left[node as usize] = true;
         self.drop_waiting(t, node);
         for d in self.net.cut(node) {
             self.cut_flow(t, d);
@@ -1108,8 +1110,8 @@ impl Sim {
     fn housekeeping(&mut self, t: f64) {
         let now = self.now(t);
         for sn in self.sns.iter_mut().filter(|s| s.alive) {
-            for (i, n) in self.nodes.iter().enumerate() {
-                if !n.left && n.join_at <= t {
+            for (i, (n, left)) in self.nodes.iter().zip(&self.left).enumerate() {
+                if !left && n.join_at <= t {
                     sn.scheduler.keep_alive(now, node_id(i as u32));
                 }
             }

@@ -123,20 +123,9 @@ impl<T: Copy> Net<T> {
         self.open.resize(n, true);
         self.rem_up.copy_from_slice(&self.up);
         self.rem_down.copy_from_slice(&self.down);
+        self.n_up.copy_from_slice(&self.out);
+        self.n_down.copy_from_slice(&self.inc);
         for round in 0..FILL_ROUNDS {
-            if round == 0 {
-                self.n_up.copy_from_slice(&self.out);
-                self.n_down.copy_from_slice(&self.inc);
-            } else {
-                self.n_up.iter_mut().for_each(|c| *c = 0);
-                self.n_down.iter_mut().for_each(|c| *c = 0);
-                for (f, open) in self.flows.iter().zip(&self.open) {
-                    if *open {
-                        self.n_up[f.from as usize] += 1;
-                        self.n_down[f.to as usize] += 1;
-                    }
-                }
-            }
             let mut any = false;
             for (i, f) in self.flows.iter().enumerate() {
                 if !self.open[i] {
@@ -160,11 +149,22 @@ impl<T: Copy> Net<T> {
                     self.rem_down[f.to as usize] -= g;
                 }
             }
-            // A flow stays open while both of its ends have capacity left.
-            for (i, f) in self.flows.iter().enumerate() {
-                self.open[i] = self.open[i]
-                    && self.rem_up[f.from as usize] > 1e-9 * self.up[f.from as usize]
-                    && self.rem_down[f.to as usize] > 1e-9 * self.down[f.to as usize].min(1e18);
+            if round + 1 == FILL_ROUNDS {
+                break;
+            }
+            // A flow stays open while both of its ends have capacity left; the open flows
+            // share what is left in the next round.
+            self.n_up.fill(0);
+            self.n_down.fill(0);
+            for (f, open) in self.flows.iter().zip(&mut self.open) {
+                let (from, to) = (f.from as usize, f.to as usize);
+                *open = *open
+                    && self.rem_up[from] > 1e-9 * self.up[from]
+                    && self.rem_down[to] > 1e-9 * self.down[to].min(1e18);
+                if *open {
+                    self.n_up[from] += 1;
+                    self.n_down[to] += 1;
+                }
             }
         }
     }
