@@ -1,5 +1,7 @@
 //! `shoal`: demo and benchmarks of the shoal image distribution system.
 
+/// `shoal sim`'s planners decide on several threads and free what another thread
+/// allocated; with glibc's allocator that made two threads no faster than one.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
