@@ -40,7 +40,7 @@ pub struct Net<T> {
     // Scratch space of `rates`, kept between steps.
     rate: Vec<f64>,
     grow: Vec<f64>,
-    open: Vec<bool>,
+    open: Vec<u32>,
     rem_up: Vec<f64>,
     rem_down: Vec<f64>,
     n_up: Vec<u32>,
@@ -118,33 +118,31 @@ impl<T: Copy> Net<T> {
         let n = self.flows.len();
         self.rate.clear();
         self.rate.resize(n, 0.0);
-        self.grow.resize(n, 0.0);
+        // The flows that can still grow, in order (after the first round, about a fifth).
         self.open.clear();
-        self.open.resize(n, true);
+        self.open.extend(0..n as u32);
         self.rem_up.copy_from_slice(&self.up);
         self.rem_down.copy_from_slice(&self.down);
         self.n_up.copy_from_slice(&self.out);
         self.n_down.copy_from_slice(&self.inc);
         for round in 0..FILL_ROUNDS {
             let mut any = false;
-            for (i, f) in self.flows.iter().enumerate() {
-                if !self.open[i] {
-                    self.grow[i] = 0.0;
-                    continue;
-                }
+            self.grow.clear();
+            for &i in &self.open {
+                let f = &self.flows[i as usize];
                 let (from, to) = (f.from as usize, f.to as usize);
                 let g = (self.rem_up[from] / f64::from(self.n_up[from]))
                     .min(self.rem_down[to] / f64::from(self.n_down[to]));
-                self.grow[i] = g;
+                self.grow.push(g);
                 any |= g > 0.0;
             }
             if !any {
                 break;
             }
-            for (i, f) in self.flows.iter().enumerate() {
-                let g = self.grow[i];
+            for (&i, &g) in self.open.iter().zip(&self.grow) {
                 if g > 0.0 {
-                    self.rate[i] += g;
+                    let f = &self.flows[i as usize];
+                    self.rate[i as usize] += g;
                     self.rem_up[f.from as usize] -= g;
                     self.rem_down[f.to as usize] -= g;
                 }
@@ -156,16 +154,20 @@ impl<T: Copy> Net<T> {
             // share what is left in the next round.
             self.n_up.fill(0);
             self.n_down.fill(0);
-            for (f, open) in self.flows.iter().zip(&mut self.open) {
+            let (flows, up, down) = (&self.flows, &self.up, &self.down);
+            let (rem_up, rem_down) = (&self.rem_up, &self.rem_down);
+            let (n_up, n_down) = (&mut self.n_up, &mut self.n_down);
+            self.open.retain(|&i| {
+                let f = &flows[i as usize];
                 let (from, to) = (f.from as usize, f.to as usize);
-                *open = *open
-                    && self.rem_up[from] > 1e-9 * self.up[from]
-                    && self.rem_down[to] > 1e-9 * self.down[to].min(1e18);
-                if *open {
-                    self.n_up[from] += 1;
-                    self.n_down[to] += 1;
+                let open =
+                    rem_up[from] > 1e-9 * up[from] && rem_down[to] > 1e-9 * down[to].min(1e18);
+                if open {
+                    n_up[from] += 1;
+                    n_down[to] += 1;
                 }
-            }
+                open
+            });
         }
     }
 
