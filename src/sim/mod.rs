@@ -765,7 +765,8 @@ impl Sim {
                 }
             }
         }
-        // Pulls touched meanwhile (a "busy" at zero round trip) plan again next step.
+        // Pulls touched while their requests went out (a parent found gone) plan again
+        // next step.
         let mut touched = touched;
         touched.clear();
         touched.append(&mut self.touched);
