@@ -1,5 +1,10 @@
 //! `shoald`: the shoal node daemon.
 
+/// Tokio moves tasks between worker threads, so buffers are often freed by a thread other
+/// than the one that allocated them; mimalloc handles that without a shared lock.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 
 use anyhow::Context as _;
