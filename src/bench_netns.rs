@@ -156,17 +156,22 @@ pub async fn scale_out(args: &ScaleOutArgs, image: &Image) -> anyhow::Result<Run
     )
     .await?;
     shoal.registry_egress_bytes = registry.blob_bytes_sent() - egress_before;
-    let (mut answer_sum, mut answers) = (0.0, 0);
+    let (mut answers, mut supernode_rtts) = ((0.0, 0), (0.0, 0));
     for &host in &nodes {
         let url = format!("http://{}:{MIRROR_PORT}/metrics", lab.addr(host));
         let metrics = metrics_of(&client, &url).await?;
         shoal.peer_bytes += crate::demo::fetched_from(&metrics, "Peer");
         shoal.seed_bytes += crate::demo::fetched_from(&metrics, "Seed");
         shoal.fallback_bytes += crate::demo::fetched_from(&metrics, "Registry");
-        let (sum, count) = crate::demo::peer_answers(&metrics);
-        (answer_sum, answers) = (answer_sum + sum, answers + count);
+        add(&mut answers, &metrics, "shoald_peer_answer_seconds");
+        add(
+            &mut supernode_rtts,
+            &metrics,
+            "shoald_supernode_rtt_seconds",
+        );
     }
-    shoal.peer_answer_s = (answers > 0).then(|| answer_sum / answers as f64);
+    shoal.peer_answer_s = mean(answers);
+    shoal.supernode_rtt_s = mean(supernode_rtts);
     drop(procs);
 
     let mut baselines = BTreeMap::new();
@@ -316,4 +321,14 @@ async fn pull_all(
         "[{what}] no node completed its pull"
     );
     Ok(outcome)
+}
+
+/// Adds a node's sum and count of histogram `name` to `total`.
+fn add(total: &mut (f64, u64), metrics: &str, name: &str) {
+    let (sum, count) = crate::demo::histogram(metrics, name);
+    *total = (total.0 + sum, total.1 + count);
+}
+
+fn mean((sum, count): (f64, u64)) -> Option<f64> {
+    (count > 0).then(|| sum / count as f64)
 }

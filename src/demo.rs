@@ -116,11 +116,12 @@ pub fn fetched_from(metrics: &str, source: &str) -> u64 {
     )
 }
 
-/// The sum (seconds) and count of the peers' answer times a node measured.
-pub fn peer_answers(metrics: &str) -> (f64, u64) {
+/// The sum and count of a histogram in a metrics text, e.g.
+/// `histogram(text, "shoald_peer_answer_seconds")`.
+pub fn histogram(metrics: &str, name: &str) -> (f64, u64) {
     (
-        sample(metrics, "shoald_peer_answer_seconds_sum"),
-        sample(metrics, "shoald_peer_answer_seconds_count"),
+        sample(metrics, &format!("{name}_sum")),
+        sample(metrics, &format!("{name}_count")),
     )
 }
 
@@ -134,7 +135,7 @@ fn sample<T: std::str::FromStr + Default>(metrics: &str, series: &str) -> T {
 
 #[cfg(test)]
 mod tests {
-    use super::{fetched_from, peer_answers};
+    use super::{fetched_from, histogram};
 
     #[test]
     fn reads_counters_and_histogram_sums() {
@@ -143,7 +144,8 @@ mod tests {
                     shoald_peer_answer_seconds_count 5\n";
         assert_eq!(fetched_from(text, "Peer"), 42);
         assert_eq!(fetched_from(text, "Seed"), 0);
-        assert_eq!(peer_answers(text), (0.25, 5));
-        assert_eq!(peer_answers(""), (0.0, 0));
+        assert_eq!(histogram(text, "shoald_peer_answer_seconds"), (0.25, 5));
+        assert_eq!(histogram(text, "shoald_supernode_rtt_seconds"), (0.0, 0));
+        assert_eq!(histogram("", "shoald_peer_answer_seconds"), (0.0, 0));
     }
 }

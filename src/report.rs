@@ -56,6 +56,10 @@ pub struct Outcome {
     /// nodes in netns mode, the modelled round trip (`--rtt-ms`) in the sim.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer_answer_s: Option<f64>,
+    /// Mean round trip to the supernode (QUIC's estimate at each of its answers), in
+    /// seconds: measured by the nodes in netns mode, `--supernode-rtt-ms` in the sim.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub supernode_rtt_s: Option<f64>,
     /// p50 and p99 over the lower bound (0 when there is no bound, on loopback).
     pub p50_over_bound: f64,
     pub p99_over_bound: f64,
@@ -161,6 +165,13 @@ impl Run {
                 "\npeers answered piece requests after {:.1} ms on average (a round trip with \
                  the queues on the way; `shoal sim --rtt-ms` models it)\n",
                 answer * 1000.0
+            );
+        }
+        if let Some(rtt) = self.shoal.supernode_rtt_s {
+            out += &format!(
+                "the round trip to the supernode was {:.1} ms on average (its seed's uploads \
+                 share its link; `shoal sim --supernode-rtt-ms` models it)\n",
+                rtt * 1000.0
             );
         }
         out

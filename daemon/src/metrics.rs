@@ -63,6 +63,7 @@ pub struct Metrics {
     store_misses: Counter,
     store_bytes: Gauge,
     peer_answer: Histogram,
+    supernode_rtt: Histogram,
 }
 
 impl Default for Metrics {
@@ -77,6 +78,7 @@ impl Default for Metrics {
             store_bytes: Gauge::default(),
             // 1 ms to about 8 s.
             peer_answer: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            supernode_rtt: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
         };
         let r = &mut m.registry;
         r.register(
@@ -116,6 +118,12 @@ impl Default for Metrics {
              of the peer's upload slots",
             m.peer_answer.clone(),
         );
+        r.register(
+            "supernode_rtt_seconds",
+            "The round trip to a blob's supernode as QUIC estimates it at each of its answers \
+             (the queues on the way included: its seed's uploads share its link)",
+            m.supernode_rtt.clone(),
+        );
         m
     }
 }
@@ -141,6 +149,10 @@ impl Metrics {
 
     pub fn peer_answered(&self, after: std::time::Duration) {
         self.peer_answer.observe(after.as_secs_f64());
+    }
+
+    pub fn supernode_round_trip(&self, rtt: std::time::Duration) {
+        self.supernode_rtt.observe(rtt.as_secs_f64());
     }
 
     pub fn store_hit(&self) {
@@ -174,6 +186,7 @@ mod tests {
         m.fetched(Source::Registry, 7);
         m.store_hit();
         m.peer_answered(std::time::Duration::from_millis(3));
+        m.supernode_round_trip(std::time::Duration::from_millis(100));
         let text = m.encode(1234);
         for line in [
             "shoald_requests_total{kind=\"Blob\",status=\"200\"} 1",
@@ -183,6 +196,8 @@ mod tests {
             "shoald_store_bytes 1234",
             "shoald_peer_answer_seconds_count 1",
             "shoald_peer_answer_seconds_bucket{le=\"0.004\"} 1",
+            "shoald_supernode_rtt_seconds_count 1",
+            "shoald_supernode_rtt_seconds_bucket{le=\"0.128\"} 1",
         ] {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }

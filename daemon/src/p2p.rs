@@ -95,6 +95,7 @@ impl P2pFetch<'_> {
                 .map(str::to_owned),
         };
         let (mut supernode, reply) = self.swarm.want(req.digest, req.len, &origin).await?;
+        self.note_round_trip(supernode);
         let (layout, mut hashes, parents) = match reply {
             FromSupernode::Task {
                 layout,
@@ -251,6 +252,7 @@ impl P2pFetch<'_> {
                     asking = None;
                     match answer.unwrap_or_else(|e| Err(e.into())) {
                         Ok(Some(FromSupernode::Task { hashes: more, parents, .. })) => {
+                            self.note_round_trip(supernode);
                             supernode_lost = false;
                             supernode_failures = 0;
                             if more.len() > hashes.len() && more.len() <= layout.count() as usize {
@@ -319,6 +321,12 @@ impl P2pFetch<'_> {
             None => (Sha256::new(), 0),
         };
         Ok(self.verify(sha, from).await)
+    }
+
+    fn note_round_trip(&self, supernode: SocketAddr) {
+        if let Some(rtt) = self.swarm.round_trip(supernode) {
+            self.metrics.supernode_round_trip(rtt);
+        }
     }
 
     /// Tells the supernode of new pieces, and how busy this node's upload is.

@@ -133,6 +133,11 @@ impl Swarm {
             .await
     }
 
+    /// QUIC's estimate of the round trip to `addr`, while connected.
+    pub fn round_trip(&self, addr: SocketAddr) -> Option<std::time::Duration> {
+        self.lock_conns().get(&addr).map(quinn::Connection::rtt)
+    }
+
     fn lock_conns(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, quinn::Connection>> {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -7,6 +7,10 @@
 //!   for the task, and asks again every 200 ms, or 25 ms after it found nothing to fetch;
 //!   new pieces are announced every 20 ms and before each question (batched `Have`), with
 //!   how many of the node's upload slots are taken;
+//! - with `--supernode-rtt-ms`, questions and announcements reach the supernode half a
+//!   round trip after they are sent and answers come back after the other half (the
+//!   supernode's host shares its link with its seed); a node has one question out at a
+//!   time, as the daemon does;
 //! - the first `Want` of a blob starts the seed: it fetches the blob from the registry
 //!   piece after piece and each piece is at once offered by the scheduler;
 //! - a request to a host whose upload slots are all taken waits there for one, behind
@@ -103,6 +107,11 @@ pub struct SimArgs {
     /// round trip; 0 = instant)
     #[arg(long, default_value_t = 0.0)]
     pub rtt_ms: f64,
+    /// Round trip to a supernode in milliseconds: its answer to a node's question comes
+    /// this long after the question, and a node has one question out at a time (the
+    /// supernode's host shares its link with its seed's uploads; 0 = instant)
+    #[arg(long, default_value_t = 0.0)]
+    pub supernode_rtt_ms: f64,
     /// Threads for the planners' decisions (0 = one per core); results do not depend on it
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -128,6 +137,10 @@ impl SimArgs {
         anyhow::ensure!(
             self.rtt_ms.is_finite() && (0.0..=10_000.0).contains(&self.rtt_ms),
             "--rtt-ms must be between 0 and 10000"
+        );
+        anyhow::ensure!(
+            self.supernode_rtt_ms.is_finite() && (0.0..=10_000.0).contains(&self.supernode_rtt_ms),
+            "--supernode-rtt-ms must be between 0 and 10000"
         );
         anyhow::ensure!(
             (0.0..=1.0).contains(&self.late) && (0.0..=1.0).contains(&self.leave),
@@ -216,6 +229,8 @@ struct Pull {
     asked: bool,
     /// When the next question is due (earlier entries in the heap are stale).
     next_ask: u64,
+    /// When the answer to the question out arrives (with `--supernode-rtt-ms`).
+    answer_at: Option<u64>,
     lost: bool,
     done: bool,
     /// What the planner asked for at the latest step, until the requests are sent.
@@ -363,6 +378,31 @@ struct Sim {
     /// When each waiting request gives up, in order (every wait is [`SLOT_WAIT`] long).
     wait_ends: VecDeque<(f64, Host, u64)>,
     waits: u64,
+    supernode_rtt: f64,
+    /// Supernode answers on their way, in the order they arrive.
+    offers: VecDeque<Offer>,
+    /// Questions and announcements on their way to supernodes, in the order they arrive.
+    outbound: VecDeque<Outbound>,
+}
+
+/// A question (with `answer_at`) or an announcement on its way to a supernode.
+struct Outbound {
+    at: u64,
+    pull: u32,
+    sn: usize,
+    haves: Vec<PieceIndex>,
+    /// The node's upload slots in use when it sent this.
+    sending: u16,
+    answer_at: Option<u64>,
+}
+
+/// A supernode's answer on its way to a pull.
+struct Offer {
+    at: u64,
+    pull: u32,
+    sn: usize,
+    hashes: u32,
+    parents: Vec<Parent>,
 }
 
 /// A piece request waiting at its parent for an upload slot.
@@ -452,6 +492,7 @@ impl Sim {
                 prefix: 0,
                 asked: false,
                 next_ask: 0,
+                answer_at: None,
                 lost: false,
                 done: false,
                 requests: Vec::new(),
@@ -481,6 +522,9 @@ impl Sim {
             waiting: vec![VecDeque::new(); n + args.supernodes + 1],
             wait_ends: VecDeque::new(),
             waits: 0,
+            supernode_rtt: args.supernode_rtt_ms / 1000.0,
+            offers: VecDeque::new(),
+            outbound: VecDeque::new(),
         })
     }
 
@@ -553,6 +597,8 @@ impl Sim {
                 next_housekeeping += HOUSEKEEPING;
                 self.housekeeping(t);
             }
+            self.reach_supernodes(t);
+            self.offers_due(t);
             while let Some(std::cmp::Reverse((at, pull))) = self.asks.peek().copied() {
                 if at > tick(t) {
                     break;
@@ -602,6 +648,7 @@ impl Sim {
             node_completion_s,
             registry_egress_over_time: series,
             peer_answer_s: (self.rtt > 0.0).then_some(self.rtt),
+            supernode_rtt_s: (self.supernode_rtt > 0.0).then_some(self.supernode_rtt),
             ..Default::default()
         }
     }
@@ -645,9 +692,9 @@ impl Sim {
         }
     }
 
-    /// One question to the supernode: announce, want, parents, hashes.
+    /// One question to the supernode (with the pieces to announce): the answer is parents
+    /// and hashes. At most one question is out at a time.
     fn ask(&mut self, t: f64, pull: u32) {
-        let now = self.now(t);
         let p = &mut self.pulls[pull as usize];
         if p.done || self.left[p.node as usize] {
             return;
@@ -658,12 +705,54 @@ impl Sim {
             self.touch(pull);
             return;
         }
-        let (sn_index, blob_index) = (p.sn, p.blob);
-        let blob = &self.blobs[blob_index as usize];
-        let sn = &mut self.sns[sn_index];
-        if !sn.alive {
+        if let Some(answer_at) = p.answer_at {
+            // One question at a time: the next goes once this one's answer is in.
+            p.next_ask = answer_at;
+            self.asks.push(std::cmp::Reverse((answer_at, pull)));
             return;
         }
+        let sn = p.sn;
+        if !self.sns[sn].alive {
+            return;
+        }
+        let haves = std::mem::take(&mut p.haves);
+        let sending = self.uploads[p.node as usize];
+        let at = tick(t + REFRESH);
+        p.next_ask = at;
+        self.asks.push(std::cmp::Reverse((at, pull)));
+        if self.supernode_rtt > 0.0 {
+            let answer_at = tick(t + self.supernode_rtt);
+            p.answer_at = Some(answer_at);
+            self.outbound.push_back(Outbound {
+                at: tick(t + self.supernode_rtt / 2.0),
+                pull,
+                sn,
+                haves,
+                sending,
+                answer_at: Some(answer_at),
+            });
+        } else {
+            self.question(t, pull, sn, &haves, sending, None);
+        }
+        self.touch(pull);
+    }
+
+    /// A node's question reaches its supernode (with what it announces): the scheduler
+    /// answers, at once or `answer_at`.
+    fn question(
+        &mut self,
+        t: f64,
+        pull: u32,
+        sn_index: usize,
+        haves: &[PieceIndex],
+        sending: u16,
+        answer_at: Option<u64>,
+    ) {
+        let now = self.now(t);
+        let p = &mut self.pulls[pull as usize];
+        let blob_index = p.blob;
+        let blob = &self.blobs[blob_index as usize];
+        let sn = &mut self.sns[sn_index];
         let id = node_id(p.node);
         let mut start_seed = false;
         if !p.asked {
@@ -675,10 +764,8 @@ impl Sim {
                 start_seed = true;
             }
         }
-        if !p.haves.is_empty() {
-            let _ = sn.scheduler.have(now, id, &blob.digest, &p.haves);
-            p.haves.clear();
-            let sending = self.uploads[p.node as usize];
+        if !haves.is_empty() {
+            let _ = sn.scheduler.have(now, id, &blob.digest, haves);
             sn.scheduler.uploads(now, id, uploads(sending));
         }
         let parents = sn
@@ -686,14 +773,52 @@ impl Sim {
             .parents(now, id, &blob.digest)
             .unwrap_or_default();
         let hashes = sn.seeded.get(&blob_index).copied().unwrap_or(0);
-        p.planner.as_mut().expect("joined").offer(hashes, parents);
-        let at = tick(t + REFRESH);
-        self.pulls[pull as usize].next_ask = at;
-        self.asks.push(std::cmp::Reverse((at, pull)));
+        match answer_at {
+            Some(at) => self.offers.push_back(Offer {
+                at,
+                pull,
+                sn: sn_index,
+                hashes,
+                parents,
+            }),
+            None => p.planner.as_mut().expect("joined").offer(hashes, parents),
+        }
         if start_seed {
             self.seed_fetch(sn_index, blob_index, 0);
         }
-        self.touch(pull);
+    }
+
+    /// Questions and announcements that reach their supernode by `t`.
+    fn reach_supernodes(&mut self, t: f64) {
+        while self.outbound.front().is_some_and(|m| m.at <= tick(t)) {
+            let m = self.outbound.pop_front().expect("checked");
+            // Lost with a supernode that died on the way, or left behind by a takeover.
+            if !self.sns[m.sn].alive || self.pulls[m.pull as usize].sn != m.sn {
+                continue;
+            }
+            if m.answer_at.is_some() {
+                self.question(t, m.pull, m.sn, &m.haves, m.sending, m.answer_at);
+            } else {
+                self.announce(t, m.pull, &m.haves, m.sending);
+            }
+        }
+    }
+
+    /// Supernode answers that arrive by `t` are handed to their pulls (an answer from a
+    /// supernode that has died since, or that no longer serves the pull, is lost).
+    fn offers_due(&mut self, t: f64) {
+        while self.offers.front().is_some_and(|o| o.at <= tick(t)) {
+            let o = self.offers.pop_front().expect("checked");
+            let p = &mut self.pulls[o.pull as usize];
+            if p.sn != o.sn || !self.sns[o.sn].alive || p.answer_at != Some(o.at) {
+                continue;
+            }
+            p.answer_at = None;
+            if let Some(planner) = p.planner.as_mut() {
+                planner.offer(o.hashes, o.parents);
+                self.touch(o.pull);
+            }
+        }
     }
 
     fn seed_fetch(&mut self, sn: usize, blob: u32, piece: u32) {
@@ -1070,6 +1195,8 @@ impl Sim {
                     Some(&k) => {
                         p.sn = k;
                         p.asked = false;
+                        // The question out fails with the connection.
+                        p.answer_at = None;
                         p.haves = planner.have().iter().collect();
                         let at = tick(t);
                         p.next_ask = at;
@@ -1089,22 +1216,37 @@ impl Sim {
 
     /// Every pull with new pieces announces them (and its node's upload slots).
     fn announce_all(&mut self, t: f64) {
-        let now = self.now(t);
-        for (pull, p) in self.pulls.iter_mut().enumerate() {
-            if p.haves.is_empty() || p.lost {
+        for pull in 0..self.pulls.len() {
+            let p = &mut self.pulls[pull];
+            if p.haves.is_empty() || p.lost || !self.sns[p.sn].alive {
                 continue;
             }
-            let sn = &mut self.sns[p.sn];
-            if !sn.alive {
-                continue;
+            let haves = std::mem::take(&mut p.haves);
+            let sending = self.uploads[pull / self.blobs.len()];
+            if self.supernode_rtt > 0.0 {
+                self.outbound.push_back(Outbound {
+                    at: tick(t + self.supernode_rtt / 2.0),
+                    pull: pull as u32,
+                    sn: p.sn,
+                    haves,
+                    sending,
+                    answer_at: None,
+                });
+            } else {
+                self.announce(t, pull as u32, &haves, sending);
             }
-            let id = node_id(p.node);
-            let digest = &self.blobs[p.blob as usize].digest;
-            let _ = sn.scheduler.have(now, id, digest, &p.haves);
-            p.haves.clear();
-            sn.scheduler
-                .uploads(now, id, uploads(self.uploads[pull / self.blobs.len()]));
         }
+    }
+
+    fn announce(&mut self, t: f64, pull: u32, haves: &[PieceIndex], sending: u16) {
+        let now = self.now(t);
+        let p = &self.pulls[pull as usize];
+        let sn = &mut self.sns[p.sn];
+        let id = node_id(p.node);
+        let _ = sn
+            .scheduler
+            .have(now, id, &self.blobs[p.blob as usize].digest, haves);
+        sn.scheduler.uploads(now, id, uploads(sending));
     }
 
     /// The supernode's housekeeping: nodes with an open connection stay, others expire.
@@ -1183,7 +1325,7 @@ mod tests {
         // offers, failures and waits come between the planners' decisions.
         let flags = "--nodes 200 --image-size 32MiB --layers 2 --bandwidth 100mbit \
                      --supernodes 2 --late 0.3 --join-window 1 --leave 0.1 --rtt-ms 20 \
-                     --supernode-dies-at 1 --baseline=";
+                     --supernode-rtt-ms 30 --supernode-dies-at 1 --baseline=";
         let one = sim(&format!("{flags} --threads 1"));
         let four = sim(&format!("{flags} --threads 4"));
         assert!(one.shoal.node_completion_s.len() > 150, "{}", one.table());
@@ -1270,6 +1412,32 @@ mod tests {
     }
 
     #[test]
+    fn slow_supernode_answers_slow_the_swarm_and_lose_nothing() {
+        let flags = "--nodes 20 --image-size 16MiB --layers 2 --bandwidth 50mbit --baseline=";
+        let instant = sim(flags);
+        let slow = sim(&format!("{flags} --supernode-rtt-ms 150"));
+        // Answers on their way when the supernode dies are lost with it.
+        let dying = sim(&format!(
+            "{flags} --supernode-rtt-ms 150 --supernodes 2 --supernode-dies-at 0.5 --leave 0.3"
+        ));
+        for run in [&instant, &slow, &dying] {
+            assert_eq!(run.shoal.failures, 0, "{}", run.table());
+        }
+        assert_eq!(instant.shoal.supernode_rtt_s, None);
+        assert_eq!(slow.shoal.supernode_rtt_s, Some(0.15));
+        assert!(slow.shoal.registry_egress_ratio <= 1.05, "{}", slow.table());
+        let got = slow.shoal.peer_bytes + slow.shoal.seed_bytes + slow.shoal.fallback_bytes;
+        assert_eq!(got, 20 * (16 << 20));
+        // Every node's first answer alone comes 150 ms later.
+        assert!(
+            slow.shoal.completion_s.p50 > instant.shoal.completion_s.p50 + 0.15,
+            "{}\n{}",
+            instant.table(),
+            slow.table()
+        );
+    }
+
+    #[test]
     fn requests_wait_at_a_busy_parent_for_its_next_slot() {
         // Answered "busy" at once, a request lost its parent's next slot to whoever asked
         // again first, a round trip and a 50 ms rest later: p50 1.88x S/B here (1.58x
@@ -1300,5 +1468,12 @@ mod tests {
         assert!(Cli::try_parse_from(["sim", "--bandwidth", "fast"]).is_err());
         let cli = Cli::try_parse_from(["sim", "--rtt-ms=-1"]).unwrap();
         assert!(run(&cli.sim).unwrap_err().to_string().contains("--rtt-ms"));
+        let cli = Cli::try_parse_from(["sim", "--supernode-rtt-ms=NaN"]).unwrap();
+        assert!(
+            run(&cli.sim)
+                .unwrap_err()
+                .to_string()
+                .contains("--supernode-rtt-ms")
+        );
     }
 }
