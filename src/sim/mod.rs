@@ -715,7 +715,7 @@ impl Sim {
         if !self.sns[sn].alive {
             return;
         }
-        let haves = std::mem::take(&mut p.haves);
+        let mut haves = std::mem::take(&mut p.haves);
         let sending = self.uploads[p.node as usize];
         let at = tick(t + REFRESH);
         p.next_ask = at;
@@ -733,6 +733,8 @@ impl Sim {
             });
         } else {
             self.question(t, pull, sn, &haves, sending, None);
+            haves.clear();
+            self.pulls[pull as usize].haves = haves;
         }
         self.touch(pull);
     }
@@ -1221,7 +1223,7 @@ impl Sim {
             if p.haves.is_empty() || p.lost || !self.sns[p.sn].alive {
                 continue;
             }
-            let haves = std::mem::take(&mut p.haves);
+            let mut haves = std::mem::take(&mut p.haves);
             let sending = self.uploads[pull / self.blobs.len()];
             if self.supernode_rtt > 0.0 {
                 self.outbound.push_back(Outbound {
@@ -1234,6 +1236,8 @@ impl Sim {
                 });
             } else {
                 self.announce(t, pull as u32, &haves, sending);
+                haves.clear();
+                self.pulls[pull].haves = haves;
             }
         }
     }
