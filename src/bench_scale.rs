@@ -128,7 +128,7 @@ pub async fn scale_out(args: &ScaleOutArgs) -> anyhow::Result<Run> {
     let (_tmp, dir) = work_dir(args)?;
     let per_layer = (args.image_size / args.layers as u64) as usize;
     let specs: Vec<LayerSpec> = (0..args.layers)
-        .map(|_| LayerSpec::Random { size: per_layer })
+        .map(|_| LayerSpec::random_blob(per_layer))
         .collect();
     let image = Image::build(&specs, u64::from(std::process::id()));
     if args.netns {

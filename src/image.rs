@@ -23,6 +23,21 @@ pub enum LayerSpec {
     Gzip { files: usize },
 }
 
+/// What a plain tar of one file adds to the file: its header block and the two blocks
+/// that end the archive.
+const ONE_FILE_TAR_OVERHEAD: usize = 512 + 1024;
+
+impl LayerSpec {
+    /// A random layer whose blob is `len` bytes (rounded up to the tar's 512-byte blocks),
+    /// so that an image of N layers of `len` is as big as asked and its pieces are those of
+    /// a `len`-byte blob (`shoal sim` cuts layers of exactly that size).
+    pub fn random_blob(len: usize) -> Self {
+        LayerSpec::Random {
+            size: len.saturating_sub(ONE_FILE_TAR_OVERHEAD),
+        }
+    }
+}
+
 /// A blob with its digest and media type.
 #[derive(Debug, Clone)]
 pub struct Blob {
@@ -129,6 +144,23 @@ impl Image {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_layers_are_as_big_as_asked() {
+        let image = Image::build(
+            &[
+                LayerSpec::random_blob(8 << 20),
+                LayerSpec::random_blob(1000),
+                LayerSpec::random_blob(0),
+            ],
+            1,
+        );
+        let lens: Vec<usize> = image.layers.iter().map(|l| l.bytes.len()).collect();
+        // Under the smallest tar, and off the 512-byte blocks, the next size a tar can be.
+        assert_eq!(lens, [8 << 20, 1536, 1536]);
+        let image = Image::build(&[LayerSpec::random_blob(5000)], 1);
+        assert_eq!(image.layers[0].bytes.len(), 5120);
+    }
 
     #[test]
     fn layers_are_valid_archives_and_digests_match() {
