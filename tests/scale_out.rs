@@ -55,7 +55,7 @@ fn check(run: &serde_json::Value) {
     let ratio = run["registry_egress_ratio"].as_f64().unwrap();
     assert!(
         (0.99..=1.05).contains(&ratio),
-        "the swarm took the image from the registry about once, not {ratio}x"
+        "the swarm took the image from the registry about once, not {ratio}x: {run:#}"
     );
     let from_swarm = run["peer_bytes"].as_u64().unwrap() + run["seed_bytes"].as_u64().unwrap();
     assert!(from_swarm > 0, "{run:#}");

@@ -112,6 +112,9 @@ pub struct SimArgs {
     /// supernode's host shares its link with its seed's uploads; 0 = instant)
     #[arg(long, default_value_t = 0.0)]
     pub supernode_rtt_ms: f64,
+    /// Pieces a node uploads at once, as shoald's --max-upload-peers (a seed: 8)
+    #[arg(long, default_value_t = NODE_UPLOADS)]
+    pub max_upload_peers: u16,
     /// Threads for the planners' decisions (0 = one per core); results do not depend on it
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -134,6 +137,10 @@ impl SimArgs {
             "--layers must be at least 1 and at most the image size in bytes"
         );
         anyhow::ensure!(self.supernodes > 0, "--supernodes must be at least 1");
+        anyhow::ensure!(
+            self.max_upload_peers > 0,
+            "--max-upload-peers must be at least 1"
+        );
         anyhow::ensure!(
             self.rtt_ms.is_finite() && (0.0..=10_000.0).contains(&self.rtt_ms),
             "--rtt-ms must be between 0 and 10000"
@@ -168,13 +175,6 @@ const PARALLEL_FROM: usize = 64;
 /// default and the supernode's seed limit.
 const NODE_UPLOADS: u16 = 4;
 const SEED_UPLOADS: u16 = 8;
-
-fn uploads(sending: u16) -> Uploads {
-    Uploads {
-        sending,
-        slots: NODE_UPLOADS,
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Src {
@@ -378,6 +378,8 @@ struct Sim {
     /// When each waiting request gives up, in order (every wait is [`SLOT_WAIT`] long).
     wait_ends: VecDeque<(f64, Host, u64)>,
     waits: u64,
+    /// Pieces a node uploads at once.
+    node_uploads: u16,
     supernode_rtt: f64,
     /// Supernode answers on their way, in the order they arrive.
     offers: VecDeque<Offer>,
@@ -522,6 +524,7 @@ impl Sim {
             waiting: vec![VecDeque::new(); n + args.supernodes + 1],
             wait_ends: VecDeque::new(),
             waits: 0,
+            node_uploads: args.max_upload_peers,
             supernode_rtt: args.supernode_rtt_ms / 1000.0,
             offers: VecDeque::new(),
             outbound: VecDeque::new(),
@@ -768,7 +771,14 @@ impl Sim {
         }
         if !haves.is_empty() {
             let _ = sn.scheduler.have(now, id, &blob.digest, haves);
-            sn.scheduler.uploads(now, id, uploads(sending));
+            sn.scheduler.uploads(
+                now,
+                id,
+                Uploads {
+                    sending,
+                    slots: self.node_uploads,
+                },
+            );
         }
         let parents = sn
             .scheduler
@@ -934,7 +944,7 @@ impl Sim {
                 return;
             }
             Src::Seed => SEED_UPLOADS,
-            Src::Peer => NODE_UPLOADS,
+            Src::Peer => self.node_uploads,
         };
         if self.uploads[from as usize] < slots {
             self.send(t + self.rtt, from, to, len, tag);
@@ -1250,7 +1260,14 @@ impl Sim {
         let _ = sn
             .scheduler
             .have(now, id, &self.blobs[p.blob as usize].digest, haves);
-        sn.scheduler.uploads(now, id, uploads(sending));
+        sn.scheduler.uploads(
+            now,
+            id,
+            Uploads {
+                sending,
+                slots: self.node_uploads,
+            },
+        );
     }
 
     /// The supernode's housekeeping: nodes with an open connection stay, others expire.
@@ -1388,6 +1405,29 @@ mod tests {
             "{}",
             run.table()
         );
+    }
+
+    #[test]
+    fn upload_slots_set_how_many_pieces_a_node_sends_at_once() {
+        let flags = "--nodes 20 --image-size 16MiB --layers 2 --bandwidth 50mbit --baseline=";
+        let four = sim(flags);
+        let one = sim(&format!("{flags} --max-upload-peers 1"));
+        for run in [&four, &one] {
+            assert_eq!(run.shoal.failures, 0, "{}", run.table());
+            assert!(run.shoal.registry_egress_ratio <= 1.05, "{}", run.table());
+        }
+        // One piece at a time leaves a node's upload idle between pieces and the swarm
+        // short of sources.
+        assert!(
+            one.shoal.completion_s.p50 > 1.1 * four.shoal.completion_s.p50,
+            "1 slot {} vs 4 slots {}",
+            one.table(),
+            four.table()
+        );
+        let zero = format!("{flags} --max-upload-peers 0");
+        let cli = Cli::try_parse_from(std::iter::once("sim").chain(zero.split_whitespace()))
+            .expect("valid flags");
+        assert!(run(&cli.sim).is_err(), "0 upload slots is refused");
     }
 
     #[test]
