@@ -56,6 +56,10 @@ pub struct Outcome {
     /// nodes in netns mode, the modelled round trip (`--rtt-ms`) in the sim.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer_answer_s: Option<f64>,
+    /// Mean round trip to the peers that answered piece requests (QUIC's estimate at each
+    /// answer, no wait for an upload slot), in seconds: measured by the nodes in netns mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_rtt_s: Option<f64>,
     /// Mean round trip to the supernode (QUIC's estimate at each of its answers), in
     /// seconds: measured by the nodes in netns mode, `--supernode-rtt-ms` in the sim.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -163,8 +167,15 @@ impl Run {
         if let Some(answer) = self.shoal.peer_answer_s {
             out += &format!(
                 "\npeers answered piece requests after {:.1} ms on average (a round trip with \
-                 the queues on the way; `shoal sim --rtt-ms` models it)\n",
+                 the queues on the way, and any wait for an upload slot)\n",
                 answer * 1000.0
+            );
+        }
+        if let Some(rtt) = self.shoal.peer_rtt_s {
+            out += &format!(
+                "the round trip to those peers was {:.1} ms on average (QUIC's estimate; \
+                 `shoal sim --rtt-ms` models it, and the wait for a slot itself)\n",
+                rtt * 1000.0
             );
         }
         if let Some(rtt) = self.shoal.supernode_rtt_s {

@@ -112,6 +112,11 @@ fn in_namespaces_the_caps_hold_the_registry_sends_the_image_once_and_bittorrent_
     }
     let ratio = run["registry_egress_ratio"].as_f64().unwrap();
     assert!((0.99..=1.05).contains(&ratio), "registry sent {ratio}x");
+    // The nodes measured their peers and their supernode.
+    for field in ["peer_answer_s", "peer_rtt_s", "supernode_rtt_s"] {
+        let s = run[field].as_f64().unwrap_or(-1.0);
+        assert!(s > 0.0 && s < 10.0, "{field} = {s}: {run:#}");
+    }
     // Direct: three nodes share the registry's one capped link.
     let direct = &run["baselines"]["direct"];
     assert_eq!(direct["failures"], 0);

@@ -63,6 +63,7 @@ pub struct Metrics {
     store_misses: Counter,
     store_bytes: Gauge,
     peer_answer: Histogram,
+    peer_rtt: Histogram,
     supernode_rtt: Histogram,
 }
 
@@ -78,6 +79,7 @@ impl Default for Metrics {
             store_bytes: Gauge::default(),
             // 1 ms to about 8 s.
             peer_answer: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            peer_rtt: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             supernode_rtt: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
         };
         let r = &mut m.registry;
@@ -119,6 +121,12 @@ impl Default for Metrics {
             m.peer_answer.clone(),
         );
         r.register(
+            "peer_rtt_seconds",
+            "The round trip to a peer as QUIC estimates it at each of its answers to a piece \
+             request (the queues on the way included, no wait for an upload slot)",
+            m.peer_rtt.clone(),
+        );
+        r.register(
             "supernode_rtt_seconds",
             "The round trip to a blob's supernode as QUIC estimates it at each of its answers \
              (the queues on the way included: its seed's uploads share its link)",
@@ -149,6 +157,10 @@ impl Metrics {
 
     pub fn peer_answered(&self, after: std::time::Duration) {
         self.peer_answer.observe(after.as_secs_f64());
+    }
+
+    pub fn peer_round_trip(&self, rtt: std::time::Duration) {
+        self.peer_rtt.observe(rtt.as_secs_f64());
     }
 
     pub fn supernode_round_trip(&self, rtt: std::time::Duration) {
@@ -187,6 +199,7 @@ mod tests {
         m.store_hit();
         m.peer_answered(std::time::Duration::from_millis(3));
         m.supernode_round_trip(std::time::Duration::from_millis(100));
+        m.peer_round_trip(std::time::Duration::from_millis(20));
         let text = m.encode(1234);
         for line in [
             "shoald_requests_total{kind=\"Blob\",status=\"200\"} 1",
@@ -197,6 +210,8 @@ mod tests {
             "shoald_peer_answer_seconds_count 1",
             "shoald_peer_answer_seconds_bucket{le=\"0.004\"} 1",
             "shoald_supernode_rtt_seconds_count 1",
+            "shoald_peer_rtt_seconds_count 1",
+            "shoald_peer_rtt_seconds_bucket{le=\"0.032\"} 1",
             "shoald_supernode_rtt_seconds_bucket{le=\"0.128\"} 1",
         ] {
             assert!(text.contains(line), "{line} missing in\n{text}");

@@ -158,6 +158,11 @@ impl P2pFetch<'_> {
                     let now = Instant::now();
                     if let Some(after) = done.answered_in {
                         self.metrics.peer_answered(after);
+                        if let From::Peer(_, addr) = done.from
+                            && let Some(rtt) = self.swarm.round_trip(addr)
+                        {
+                            self.metrics.peer_round_trip(rtt);
+                        }
                     }
                     let bytes = match done.bytes {
                         Ok(bytes) => bytes,

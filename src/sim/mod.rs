@@ -651,6 +651,7 @@ impl Sim {
             node_completion_s,
             registry_egress_over_time: series,
             peer_answer_s: (self.rtt > 0.0).then_some(self.rtt),
+            peer_rtt_s: (self.rtt > 0.0).then_some(self.rtt),
             supernode_rtt_s: (self.supernode_rtt > 0.0).then_some(self.supernode_rtt),
             ..Default::default()
         }
@@ -1443,6 +1444,7 @@ mod tests {
         }
         assert_eq!(instant.shoal.peer_answer_s, None);
         assert_eq!(slow.shoal.peer_answer_s, Some(0.08));
+        assert_eq!(slow.shoal.peer_rtt_s, Some(0.08));
         assert!(slow.shoal.registry_egress_ratio <= 1.05, "{}", slow.table());
         let got = slow.shoal.peer_bytes + slow.shoal.seed_bytes + slow.shoal.fallback_bytes;
         assert_eq!(got, 20 * (16 << 20));
