@@ -64,13 +64,45 @@ pub struct ScaleOutArgs {
     pub keep: Option<PathBuf>,
 }
 
+/// Bounds on flags: every node and supernode is a process here (and in --netns mode a
+/// network namespace).
+const MAX_NODES: usize = 1000;
+const MAX_SUPERNODES: usize = 64;
+/// 1 mbit/s, in bytes.
+const MIN_NETNS_RATE: u64 = 125_000;
+
 pub(crate) const REPO: &str = "bench/scale-out";
 pub(crate) const TAG: &str = "v1";
 
 impl ScaleOutArgs {
     fn check(&self) -> anyhow::Result<()> {
-        ensure!(self.nodes > 0, "--nodes must be at least 1");
-        ensure!(self.supernodes > 0, "--supernodes must be at least 1");
+        ensure!(
+            (1..=MAX_NODES).contains(&self.nodes),
+            "--nodes must be between 1 and {MAX_NODES}: each node is a process on this \
+             machine (`shoal sim` runs 10,000 and more)"
+        );
+        ensure!(
+            (1..=MAX_SUPERNODES).contains(&self.supernodes),
+            "--supernodes must be between 1 and {MAX_SUPERNODES}"
+        );
+        if self.netns {
+            // tbf lets its bucket through at line rate: the cap must hold for most of the
+            // image, or nodes beat S/B and the run measures nothing.
+            let burst = crate::netns::BURST_BYTES;
+            ensure!(
+                self.bandwidth >= MIN_NETNS_RATE,
+                "--bandwidth must be at least 1mbit with --netns: each link lets {} KiB \
+                 through before its cap holds",
+                burst >> 10
+            );
+            ensure!(
+                self.image_size >= 16 * burst,
+                "--image-size must be at least {} MiB with --netns: each link lets {} KiB \
+                 through before its cap holds",
+                (16 * burst) >> 20,
+                burst >> 10
+            );
+        }
         ensure!(
             self.layers > 0 && self.image_size >= self.layers as u64,
             "--layers must be at least 1 and at most the image size in bytes"
@@ -468,4 +500,34 @@ async fn pull_all(
         }
     }
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: ScaleOutArgs,
+    }
+
+    fn refused(flags: &str) -> String {
+        let cli = Cli::try_parse_from(std::iter::once("bench").chain(flags.split_whitespace()))
+            .expect("valid flags");
+        cli.bench.check().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn flags_that_would_measure_nothing_or_swamp_the_machine_are_refused() {
+        assert!(refused("--nodes 0").contains("--nodes"));
+        assert!(refused("--nodes 100000").contains("shoal sim"));
+        assert!(refused("--supernodes 1000").contains("--supernodes"));
+        assert!(refused("--netns --bandwidth 100kbit").contains("--bandwidth"));
+        assert!(refused("--netns --image-size 1MiB").contains("--image-size"));
+        assert!(refused("--baseline bittorrent").contains("--netns"));
+        let fine = Cli::try_parse_from(["bench", "--netns", "--nodes", "40"]).unwrap();
+        fine.bench.check().unwrap();
+    }
 }

@@ -37,11 +37,28 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Bytes each capped link lets through at line rate before the cap holds (`tbf`'s bucket).
+pub const BURST_BYTES: u64 = 256 << 10;
+
 fn tc_cap(ns: &str, dev: &str, bytes_per_s: u64) -> anyhow::Result<()> {
     let rate = format!("{}bit", bytes_per_s * 8);
     ip(&[
-        "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", &rate,
-        "burst", "256kb", "latency", "50ms",
+        "netns",
+        "exec",
+        ns,
+        "tc",
+        "qdisc",
+        "add",
+        "dev",
+        dev,
+        "root",
+        "tbf",
+        "rate",
+        &rate,
+        "burst",
+        &BURST_BYTES.to_string(),
+        "latency",
+        "50ms",
     ])
 }
 

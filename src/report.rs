@@ -394,7 +394,11 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
         if !(bits.is_finite() && bits > 0.0) {
             return Err(format!("{s:?}: a rate must be positive"));
         }
-        return Ok((bits * scale / 8.0) as u64);
+        let bytes = (bits * scale / 8.0) as u64;
+        if bytes == 0 {
+            return Err(format!("{s:?} is below one byte per second"));
+        }
+        return Ok(bytes);
     }
     let bytes = parse_bytes(lower.trim_end_matches("/s"))
         .map_err(|_| format!("{s:?} is not a rate like 100mbit, 1gbit or 300MB/s"))?;
@@ -416,6 +420,10 @@ mod tests {
         assert_eq!(parse_rate("50Mbit"), Ok(6_250_000));
         assert!(parse_rate("fast").is_err());
         assert!(parse_rate("0mbit").is_err());
+        assert!(
+            parse_rate("1bit").is_err(),
+            "an eighth of a byte per second"
+        );
         assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
         assert_eq!(parse_bytes("256MiB"), Ok(256 << 20));
         assert_eq!(parse_bytes("3GB"), Ok(3_000_000_000));

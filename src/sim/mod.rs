@@ -131,7 +131,14 @@ impl SimArgs {
     }
 
     fn check(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.nodes > 0, "--nodes must be at least 1");
+        anyhow::ensure!(
+            (1..=MAX_NODES).contains(&self.nodes),
+            "--nodes must be between 1 and {MAX_NODES}"
+        );
+        anyhow::ensure!(
+            self.threads <= MAX_THREADS,
+            "--threads must be at most {MAX_THREADS} (0: one per core)"
+        );
         anyhow::ensure!(
             self.layers > 0 && self.image_size >= self.layers as u64,
             "--layers must be at least 1 and at most the image size in bytes"
@@ -153,6 +160,20 @@ impl SimArgs {
             (0.0..=1.0).contains(&self.late) && (0.0..=1.0).contains(&self.leave),
             "--late and --leave are fractions between 0 and 1"
         );
+        anyhow::ensure!(
+            self.join_window.is_finite() && (0.0..=MAX_SECONDS).contains(&self.join_window),
+            "--join-window must be between 0 and {MAX_SECONDS} seconds"
+        );
+        anyhow::ensure!(
+            self.supernode_dies_at
+                .is_none_or(|t| t.is_finite() && (0.0..=MAX_SECONDS).contains(&t)),
+            "--supernode-dies-at must be between 0 and {MAX_SECONDS} seconds"
+        );
+        anyhow::ensure!(
+            self.step_ms
+                .is_none_or(|ms| ms.is_finite() && ms > 0.0 && ms <= 1000.0),
+            "--step-ms must be more than 0 and at most 1000"
+        );
         for b in self.baseline.iter().filter(|b| !b.is_empty()) {
             anyhow::ensure!(
                 b == "direct",
@@ -162,6 +183,11 @@ impl SimArgs {
         Ok(())
     }
 }
+
+/// Bounds on flags, so that a typo gets an error rather than a run that never ends.
+const MAX_NODES: usize = 1_000_000;
+const MAX_THREADS: usize = 1024;
+const MAX_SECONDS: f64 = 3600.0;
 
 /// Questions to the supernode: every REFRESH, sooner when hungry (as the daemon asks).
 const REFRESH: f64 = 0.200;
@@ -303,7 +329,6 @@ pub fn run(args: &SimArgs) -> anyhow::Result<Run> {
     let step = args
         .step_ms
         .map_or_else(|| f64::from(smallest_piece) / bw / 4.0, |ms| ms / 1000.0);
-    anyhow::ensure!(step > 0.0, "--step-ms must be positive");
 
     let mut sim = Sim::new(&args, step)?;
     // The swarm runs on a worker of its own pool, so that it takes part in its planners'
@@ -1521,5 +1546,18 @@ mod tests {
                 .to_string()
                 .contains("--supernode-rtt-ms")
         );
+        for (flag, value) in [
+            ("--step-ms", "inf"),
+            ("--step-ms", "0"),
+            ("--join-window", "NaN"),
+            ("--join-window", "1e300"),
+            ("--supernode-dies-at", "inf"),
+            ("--threads", "100000"),
+            ("--nodes", "1000000000"),
+        ] {
+            let cli = Cli::try_parse_from(["sim", &format!("{flag}={value}")]).unwrap();
+            let error = run(&cli.sim).unwrap_err().to_string();
+            assert!(error.contains(flag), "{flag}={value}: {error}");
+        }
     }
 }
