@@ -37,6 +37,28 @@ pub struct MirrorBenchArgs {
     pub readers: usize,
 }
 
+impl MirrorBenchArgs {
+    fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (1..=8192).contains(&self.big_mib),
+            "--big-mib must be between 1 and 8192 (the blob is built in memory)"
+        );
+        anyhow::ensure!(
+            (1..=100).contains(&self.runs),
+            "--runs must be between 1 and 100"
+        );
+        anyhow::ensure!(
+            (1..=10_000).contains(&self.small_blobs),
+            "--small-blobs must be between 1 and 10000"
+        );
+        anyhow::ensure!(
+            (1..=1024).contains(&self.readers),
+            "--readers must be between 1 and 1024"
+        );
+        Ok(())
+    }
+}
+
 const REPO: &str = "bench/blobs";
 
 fn random_blob(len: usize, seed: u64) -> Blob {
@@ -130,6 +152,7 @@ pub(crate) fn peak_rss(pid: u32) -> anyhow::Result<u64> {
 }
 
 pub async fn mirror(args: &MirrorBenchArgs) -> anyhow::Result<()> {
+    args.check()?;
     let dir = tempfile::tempdir()?;
     let registry = tokio::task::block_in_place(|| Registry::try_start(dir.path(), &[]))?;
     let client = reqwest::Client::new();
@@ -246,4 +269,36 @@ pub async fn mirror(args: &MirrorBenchArgs) -> anyhow::Result<()> {
         gbps(big_len * args.readers as u64, together)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: MirrorBenchArgs,
+    }
+
+    #[test]
+    fn flags_that_would_measure_nothing_are_refused() {
+        for (flag, value) in [
+            ("--runs", "0"),
+            ("--small-blobs", "0"),
+            ("--big-mib", "0"),
+            ("--readers", "0"),
+            ("--readers", "100000"),
+        ] {
+            let cli = Cli::try_parse_from(["bench", flag, value]).unwrap();
+            let error = cli.bench.check().unwrap_err().to_string();
+            assert!(error.contains(flag), "{flag} {value}: {error}");
+        }
+        Cli::try_parse_from(["bench"])
+            .unwrap()
+            .bench
+            .check()
+            .unwrap();
+    }
 }

@@ -39,6 +39,28 @@ pub struct SwarmBenchArgs {
     pub peers: usize,
 }
 
+impl SwarmBenchArgs {
+    fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (1..=8192).contains(&self.mib),
+            "--mib must be between 1 and 8192"
+        );
+        anyhow::ensure!(
+            (1..=100).contains(&self.runs),
+            "--runs must be between 1 and 100"
+        );
+        anyhow::ensure!(
+            (1..=10_000).contains(&self.small_blobs),
+            "--small-blobs must be between 1 and 10000"
+        );
+        anyhow::ensure!(
+            self.peers <= 64,
+            "--peers must be at most 64 (each is a shoald process; 0 skips the figure)"
+        );
+        Ok(())
+    }
+}
+
 fn median(mut xs: Vec<Duration>) -> Duration {
     xs.sort();
     xs[xs.len() / 2]
@@ -126,6 +148,7 @@ async fn one_hop(holder: &Endpoint, asker: &Endpoint, len: u64) -> anyhow::Resul
 }
 
 pub async fn swarm(args: &SwarmBenchArgs) -> anyhow::Result<()> {
+    args.check()?;
     let ca = ClusterCa::generate()?;
     let local = "127.0.0.1:0".parse()?;
     let len = (args.mib as u64) << 20;
@@ -293,4 +316,35 @@ async fn serving_memory(
         puller_max,
         from_peers,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: SwarmBenchArgs,
+    }
+
+    #[test]
+    fn flags_that_would_measure_nothing_are_refused() {
+        for (flag, value) in [
+            ("--runs", "0"),
+            ("--small-blobs", "0"),
+            ("--mib", "0"),
+            ("--peers", "100000"),
+        ] {
+            let cli = Cli::try_parse_from(["bench", flag, value]).unwrap();
+            let error = cli.bench.check().unwrap_err().to_string();
+            assert!(error.contains(flag), "{flag} {value}: {error}");
+        }
+        Cli::try_parse_from(["bench"])
+            .unwrap()
+            .bench
+            .check()
+            .unwrap();
+    }
 }
