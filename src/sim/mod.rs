@@ -589,7 +589,9 @@ impl Sim {
             .collect();
         leaves.sort_by(|a, b| a.0.total_cmp(&b.0));
         let (mut next_join, mut next_leave) = (0, 0);
-        let limit = 20.0 * lower_bound + 120.0;
+        // Late joiners have a pull's time after they join.
+        let last_join = self.nodes.iter().map(|n| n.join_at).fold(0.0, f64::max);
+        let limit = last_join + 20.0 * lower_bound + 120.0;
         let sample_every = (lower_bound / 200.0).max(self.step);
         let mut next_sample = 0.0;
         let mut next_housekeeping = HOUSEKEEPING;
@@ -1414,6 +1416,18 @@ mod tests {
         assert_eq!(run.shoal.failures, 0, "{}", run.table());
         assert!(run.shoal.node_completion_s.len() >= 10, "{}", run.table());
         assert!(run.baselines.is_empty());
+    }
+
+    #[test]
+    fn nodes_joining_late_in_a_long_window_still_finish() {
+        // The run used to stop 20 S/B + 120 s after the start, whatever the join window:
+        // nodes joining later were counted as failures.
+        let run = sim(
+            "--nodes 4 --image-size 8MiB --bandwidth 10mbit --late 1 --join-window 600 \
+             --baseline=",
+        );
+        assert_eq!(run.shoal.failures, 0, "{}", run.table());
+        assert_eq!(run.shoal.node_completion_s.len(), 4, "{}", run.table());
     }
 
     #[test]
