@@ -147,6 +147,23 @@ pub(crate) fn work_dir(
     }
 }
 
+/// The `shoal sim` command that models a `--netns` run: the same swarm and caps, and the
+/// round trips its nodes measured (to compare the model with the real swarm).
+pub fn sim_command(args: &ScaleOutArgs, run: &Run) -> Option<String> {
+    let (peer, supernode) = (run.shoal.peer_rtt_s?, run.shoal.supernode_rtt_s?);
+    Some(format!(
+        "shoal sim --nodes {} --image-size {} --layers {} --bandwidth {}bit --supernodes {} \
+         --rtt-ms {:.0} --supernode-rtt-ms {:.0}",
+        args.nodes,
+        args.image_size,
+        args.layers,
+        args.bandwidth * 8,
+        args.supernodes,
+        peer * 1000.0,
+        supernode * 1000.0
+    ))
+}
+
 /// Where the image is served from.
 enum Origin {
     Embedded { _server: crate::origin::Origin },
@@ -529,5 +546,49 @@ mod tests {
         assert!(refused("--baseline bittorrent").contains("--netns"));
         let fine = Cli::try_parse_from(["bench", "--netns", "--nodes", "40"]).unwrap();
         fine.bench.check().unwrap();
+    }
+
+    #[test]
+    fn a_netns_run_names_the_sim_that_models_it() {
+        let flags = "--netns --nodes 20 --image-size 64MiB --layers 2 --bandwidth 50mbit";
+        let cli =
+            Cli::try_parse_from(std::iter::once("bench").chain(flags.split_whitespace())).unwrap();
+        let mut run = Run {
+            mode: "netns",
+            nodes: 20,
+            image_bytes: 64 << 20,
+            layers: 2,
+            bandwidth_bytes_per_s: 6_250_000,
+            lower_bound_s: 10.7,
+            wall_s: 0.0,
+            shoal: Default::default(),
+            baselines: Default::default(),
+        };
+        assert_eq!(
+            sim_command(&cli.bench, &run),
+            None,
+            "no round trips measured"
+        );
+        run.shoal.peer_rtt_s = Some(0.0534);
+        run.shoal.supernode_rtt_s = Some(0.0649);
+        let command = sim_command(&cli.bench, &run).unwrap();
+        assert_eq!(
+            command,
+            "shoal sim --nodes 20 --image-size 67108864 --layers 2 --bandwidth 50000000bit \
+             --supernodes 1 --rtt-ms 53 --supernode-rtt-ms 65"
+        );
+        // The command is one the sim takes.
+        #[derive(clap::Parser)]
+        struct Sim {
+            #[command(flatten)]
+            sim: crate::sim::SimArgs,
+        }
+        let args = command.split_whitespace().skip(1);
+        let sim = Sim::try_parse_from(args).unwrap().sim;
+        assert_eq!(
+            (sim.nodes, sim.image_size, sim.bandwidth),
+            (20, 64 << 20, 6_250_000)
+        );
+        assert_eq!((sim.rtt_ms, sim.supernode_rtt_ms), (53.0, 65.0));
     }
 }

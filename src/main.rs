@@ -75,7 +75,12 @@ async fn run() -> anyhow::Result<()> {
         Command::Bench(Bench::Swarm(args)) => shoal::bench_swarm::swarm(&args).await,
         Command::Bench(Bench::ScaleOut(args)) => {
             let run = shoal::bench_scale::scale_out(&args).await?;
-            shoal::report::finish(&run, args.json.as_deref(), args.report.as_deref())
+            shoal::report::finish(&run, args.json.as_deref(), args.report.as_deref())?;
+            if let Some(command) = shoal::bench_scale::sim_command(&args, &run) {
+                println!("the same swarm in the model, with the round trips measured here:");
+                println!("  {command}");
+            }
+            Ok(())
         }
         Command::NodeShoald(args) => {
             shoal::node::die_with_bench()?;
