@@ -203,6 +203,7 @@ pub async fn scale_out(args: &ScaleOutArgs, image: &Image) -> anyhow::Result<Run
         wall_s: started.elapsed().as_secs_f64(),
         shoal: shoal.finish(image_bytes, lower_bound),
         baselines,
+        cross_check: None,
     })
 }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 
 use crate::image::{Image, LayerSpec};
-use crate::report::{Outcome, Run, parse_bytes};
+use crate::report::{CrossCheck, Outcome, Run, parse_bytes};
 use crate::tap::Tap;
 use crate::testbed::{Proc, free_port};
 
@@ -57,6 +57,11 @@ pub struct ScaleOutArgs {
     /// Write an HTML report with SVG plots into this directory
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// (--netns) Also run `shoal sim` of the same swarm, given the round trips measured
+    /// here, and report how far apart the two are (they should agree within 15% on p50
+    /// and registry egress)
+    #[arg(long)]
+    pub cross_check: bool,
     /// Keep every process's data directory and log (node-N.log, supernode-N.log) in this
     /// directory, for reading after the run (default: a temporary one, removed at the end;
     /// `SHOAL_LOG=shoal_daemon=debug` makes the logs say more)
@@ -84,6 +89,10 @@ impl ScaleOutArgs {
         ensure!(
             (1..=MAX_SUPERNODES).contains(&self.supernodes),
             "--supernodes must be between 1 and {MAX_SUPERNODES}"
+        );
+        ensure!(
+            self.netns || !self.cross_check,
+            "--cross-check compares a --netns run with the sim: add --netns"
         );
         if self.netns {
             // tbf lets its bucket through at line rate: the cap must hold for most of the
@@ -164,6 +173,32 @@ pub fn sim_command(args: &ScaleOutArgs, run: &Run) -> Option<String> {
     ))
 }
 
+/// The flags of a `shoal sim …` command line.
+fn sim_args(command: &str) -> anyhow::Result<crate::sim::SimArgs> {
+    #[derive(clap::Parser)]
+    struct SimCli {
+        #[command(flatten)]
+        sim: crate::sim::SimArgs,
+    }
+    let cli = <SimCli as clap::Parser>::try_parse_from(command.split_whitespace().skip(1))
+        .context("the sim's command line")?;
+    Ok(cli.sim)
+}
+
+/// Runs the `shoal sim` that models `run` (see [`sim_command`]); none when the run
+/// measured no round trips (no piece came from a peer).
+fn cross_check(args: &ScaleOutArgs, run: &Run) -> anyhow::Result<Option<CrossCheck>> {
+    let Some(command) = sim_command(args, run) else {
+        eprintln!("cross-check: no round trip to a peer was measured; nothing to give the sim");
+        return Ok(None);
+    };
+    let mut sim = sim_args(&command)?;
+    sim.baseline.clear();
+    eprintln!("cross-check: {command}");
+    let modelled = tokio::task::block_in_place(|| crate::sim::run(&sim))?;
+    Ok(Some(CrossCheck::of(command, &run.shoal, &modelled.shoal)))
+}
+
 /// Where the image is served from.
 enum Origin {
     Embedded { _server: crate::origin::Origin },
@@ -182,10 +217,15 @@ pub async fn scale_out(args: &ScaleOutArgs) -> anyhow::Result<Run> {
     let image = Image::build(&specs, u64::from(std::process::id()));
     if args.netns {
         // On Ctrl-C the run is dropped, and with it the namespaces and processes.
-        return tokio::select! {
+        let run = tokio::select! {
             run = crate::bench_netns::scale_out(args, &image) => run,
             _ = tokio::signal::ctrl_c() => bail!("interrupted; namespaces removed"),
         };
+        let mut run = run?;
+        if args.cross_check {
+            run.cross_check = cross_check(args, &run)?;
+        }
+        return Ok(run);
     }
     let image_bytes = image.blob_bytes();
     let client = reqwest::Client::new();
@@ -236,6 +276,7 @@ pub async fn scale_out(args: &ScaleOutArgs) -> anyhow::Result<Run> {
         wall_s: started.elapsed().as_secs_f64(),
         shoal: shoal.finish(image_bytes, 0.0),
         baselines,
+        cross_check: None,
     })
 }
 
@@ -544,6 +585,7 @@ mod tests {
         assert!(refused("--netns --bandwidth 100kbit").contains("--bandwidth"));
         assert!(refused("--netns --image-size 1MiB").contains("--image-size"));
         assert!(refused("--baseline bittorrent").contains("--netns"));
+        assert!(refused("--cross-check").contains("--netns"));
         let fine = Cli::try_parse_from(["bench", "--netns", "--nodes", "40"]).unwrap();
         fine.bench.check().unwrap();
     }
@@ -563,6 +605,7 @@ mod tests {
             wall_s: 0.0,
             shoal: Default::default(),
             baselines: Default::default(),
+            cross_check: None,
         };
         assert_eq!(
             sim_command(&cli.bench, &run),
@@ -578,13 +621,7 @@ mod tests {
              --supernodes 1 --rtt-ms 53 --supernode-rtt-ms 65"
         );
         // The command is one the sim takes.
-        #[derive(clap::Parser)]
-        struct Sim {
-            #[command(flatten)]
-            sim: crate::sim::SimArgs,
-        }
-        let args = command.split_whitespace().skip(1);
-        let sim = Sim::try_parse_from(args).unwrap().sim;
+        let sim = sim_args(&command).unwrap();
         assert_eq!(
             (sim.nodes, sim.image_size, sim.bandwidth),
             (20, 64 << 20, 6_250_000)

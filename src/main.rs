@@ -76,7 +76,9 @@ async fn run() -> anyhow::Result<()> {
         Command::Bench(Bench::ScaleOut(args)) => {
             let run = shoal::bench_scale::scale_out(&args).await?;
             shoal::report::finish(&run, args.json.as_deref(), args.report.as_deref())?;
-            if let Some(command) = shoal::bench_scale::sim_command(&args, &run) {
+            if let Some(command) = shoal::bench_scale::sim_command(&args, &run)
+                && run.cross_check.is_none()
+            {
                 println!("the same swarm in the model, with the round trips measured here:");
                 println!("  {command}");
             }

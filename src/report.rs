@@ -101,6 +101,44 @@ pub struct Run {
     #[serde(flatten)]
     pub shoal: Outcome,
     pub baselines: BTreeMap<String, Outcome>,
+    /// `--cross-check`: the same swarm in `shoal sim`, beside this run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cross_check: Option<CrossCheck>,
+}
+
+/// A `--netns` run beside `shoal sim` of the same swarm, given the round trips measured in
+/// the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct CrossCheck {
+    /// The `shoal sim` command that was run.
+    pub command: String,
+    pub sim_p50_over_bound: f64,
+    pub sim_p99_over_bound: f64,
+    pub sim_registry_egress_ratio: f64,
+    /// (sim - real) / real, for p50 and for registry egress.
+    pub p50_apart: f64,
+    pub egress_apart: f64,
+}
+
+impl CrossCheck {
+    /// How far apart the two may be and still agree.
+    pub const AGREE_WITHIN: f64 = 0.15;
+
+    pub fn of(command: String, real: &Outcome, sim: &Outcome) -> Self {
+        let apart = |sim: f64, real: f64| (sim - real) / real.max(f64::MIN_POSITIVE);
+        CrossCheck {
+            command,
+            sim_p50_over_bound: sim.p50_over_bound,
+            sim_p99_over_bound: sim.p99_over_bound,
+            sim_registry_egress_ratio: sim.registry_egress_ratio,
+            p50_apart: apart(sim.p50_over_bound, real.p50_over_bound),
+            egress_apart: apart(sim.registry_egress_ratio, real.registry_egress_ratio),
+        }
+    }
+
+    pub fn agrees(&self) -> bool {
+        self.p50_apart.abs() <= Self::AGREE_WITHIN && self.egress_apart.abs() <= Self::AGREE_WITHIN
+    }
 }
 
 impl Run {
@@ -183,6 +221,25 @@ impl Run {
                 "the round trip to the supernode was {:.1} ms on average (its seed's uploads \
                  share its link; `shoal sim --supernode-rtt-ms` models it)\n",
                 rtt * 1000.0
+            );
+        }
+        if let Some(c) = &self.cross_check {
+            out += &format!(
+                "\ncross-check, the same swarm in the model ({}): p50 {:.2}x S/B against \
+                 {:.2}x here ({:+.0}%), registry egress {:.2}x against {:.2}x ({:+.0}%): {}\n",
+                c.command,
+                c.sim_p50_over_bound,
+                self.shoal.p50_over_bound,
+                c.p50_apart * 100.0,
+                c.sim_registry_egress_ratio,
+                self.shoal.registry_egress_ratio,
+                c.egress_apart * 100.0,
+                if c.agrees() {
+                    "they agree within 15%"
+                } else {
+                    "they do not agree within 15%: the model or the scheduler is wrong, or \
+                     this machine is the limit (see docs/benchmarks.md)"
+                }
             );
         }
         out
@@ -413,6 +470,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_cross_check_says_how_far_apart_the_sim_is() {
+        let outcome = |p50, egress| Outcome {
+            p50_over_bound: p50,
+            registry_egress_ratio: egress,
+            ..Default::default()
+        };
+        let close = CrossCheck::of("shoal sim".into(), &outcome(1.32, 1.0), &outcome(1.36, 1.0));
+        assert!((close.p50_apart - 0.0303).abs() < 0.001, "{close:?}");
+        assert!(close.agrees());
+        let far = CrossCheck::of("shoal sim".into(), &outcome(3.3, 1.0), &outcome(1.8, 1.0));
+        assert!(!far.agrees(), "{far:?}");
+        let egress = CrossCheck::of("shoal sim".into(), &outcome(1.3, 1.9), &outcome(1.3, 1.0));
+        assert!(!egress.agrees(), "registry egress counts too: {egress:?}");
+    }
+
+    #[test]
     fn rates_and_sizes() {
         assert_eq!(parse_rate("100mbit"), Ok(12_500_000));
         assert_eq!(parse_rate("1gbit"), Ok(125_000_000));
@@ -457,6 +530,7 @@ mod tests {
             wall_s: 0.1,
             baselines: [("direct".to_owned(), shoal.clone())].into(),
             shoal,
+            cross_check: None,
         };
         run.write_report(dir.path()).unwrap();
         let html = std::fs::read_to_string(dir.path().join("index.html")).unwrap();

@@ -96,6 +96,7 @@ fn in_namespaces_the_caps_hold_the_registry_sends_the_image_once_and_bittorrent_
             "50mbit",
             "--baseline",
             "direct,bittorrent",
+            "--cross-check",
         ],
     );
     assert_eq!(run["mode"], "netns");
@@ -112,6 +113,25 @@ fn in_namespaces_the_caps_hold_the_registry_sends_the_image_once_and_bittorrent_
     }
     let ratio = run["registry_egress_ratio"].as_f64().unwrap();
     assert!((0.99..=1.05).contains(&ratio), "registry sent {ratio}x");
+    // The same swarm in the sim, given the round trips measured: it ran and says so.
+    let cross = &run["cross_check"];
+    assert!(
+        cross["command"]
+            .as_str()
+            .unwrap()
+            .starts_with("shoal sim --nodes 3 "),
+        "{cross:#}"
+    );
+    let sim_egress = cross["sim_registry_egress_ratio"].as_f64().unwrap();
+    assert!((0.99..=1.05).contains(&sim_egress), "{cross:#}");
+    assert!(
+        cross["sim_p50_over_bound"].as_f64().unwrap() >= 1.0,
+        "{cross:#}"
+    );
+    assert!(
+        cross["p50_apart"].as_f64().unwrap().is_finite(),
+        "{cross:#}"
+    );
     // The nodes measured their peers and their supernode.
     for field in ["peer_answer_s", "peer_rtt_s", "supernode_rtt_s"] {
         let s = run[field].as_f64().unwrap_or(-1.0);

@@ -367,6 +367,7 @@ pub fn run(args: &SimArgs) -> anyhow::Result<Run> {
         wall_s: started.elapsed().as_secs_f64(),
         shoal: shoal.finish(args.image_size, lower_bound),
         baselines,
+        cross_check: None,
     })
 }
 
