@@ -19,6 +19,7 @@ use shoal_proto::BlobDigest;
 
 use crate::image::Blob;
 use crate::registry::push_blob;
+use crate::report::flag_in;
 use crate::testbed::{Registry, Shoald};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -39,23 +40,11 @@ pub struct MirrorBenchArgs {
 
 impl MirrorBenchArgs {
     fn check(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            (1..=8192).contains(&self.big_mib),
-            "--big-mib must be between 1 and 8192 (the blob is built in memory)"
-        );
-        anyhow::ensure!(
-            (1..=100).contains(&self.runs),
-            "--runs must be between 1 and 100"
-        );
-        anyhow::ensure!(
-            (1..=10_000).contains(&self.small_blobs),
-            "--small-blobs must be between 1 and 10000"
-        );
-        anyhow::ensure!(
-            (1..=1024).contains(&self.readers),
-            "--readers must be between 1 and 1024"
-        );
-        Ok(())
+        // The big blob is built in memory.
+        flag_in("--big-mib", self.big_mib, 1..=8192)?;
+        flag_in("--runs", self.runs, 1..=100)?;
+        flag_in("--small-blobs", self.small_blobs, 1..=10_000)?;
+        flag_in("--readers", self.readers, 1..=1024)
     }
 }
 

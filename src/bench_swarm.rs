@@ -21,6 +21,7 @@ use shoal_transport::pieces::{PieceLookup, fetch_piece, serve_pieces};
 use shoal_transport::{ClusterCa, Endpoint};
 
 use crate::image::{Image, LayerSpec};
+use crate::report::flag_in;
 use crate::testbed::Registry;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -41,23 +42,11 @@ pub struct SwarmBenchArgs {
 
 impl SwarmBenchArgs {
     fn check(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            (1..=8192).contains(&self.mib),
-            "--mib must be between 1 and 8192"
-        );
-        anyhow::ensure!(
-            (1..=100).contains(&self.runs),
-            "--runs must be between 1 and 100"
-        );
-        anyhow::ensure!(
-            (1..=10_000).contains(&self.small_blobs),
-            "--small-blobs must be between 1 and 10000"
-        );
-        anyhow::ensure!(
-            self.peers <= 64,
-            "--peers must be at most 64 (each is a shoald process; 0 skips the figure)"
-        );
-        Ok(())
+        flag_in("--mib", self.mib, 1..=8192)?;
+        flag_in("--runs", self.runs, 1..=100)?;
+        flag_in("--small-blobs", self.small_blobs, 1..=10_000)?;
+        // Each peer is a shoald process; 0 skips the figure.
+        flag_in("--peers", self.peers, 0..=64)
     }
 }
 

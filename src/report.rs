@@ -434,6 +434,21 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     parse_size::parse_size(s).map_err(|e| format!("{s:?} is not a size like 256MiB or 3GB: {e}"))
 }
 
+/// `flag`'s value is within `range`, or an error that says so.
+pub fn flag_in(
+    flag: &str,
+    value: usize,
+    range: std::ops::RangeInclusive<usize>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        range.contains(&value),
+        "{flag} must be between {} and {}, not {value}",
+        range.start(),
+        range.end()
+    );
+    Ok(())
+}
+
 /// A rate in bytes per second: `100mbit`, `1gbit`, `300MB/s`, `12500000`.
 pub fn parse_rate(s: &str) -> Result<u64, String> {
     let lower = s.trim().to_ascii_lowercase();
