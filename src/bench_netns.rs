@@ -125,6 +125,8 @@ pub async fn scale_out(args: &ScaleOutArgs, image: &Image) -> anyhow::Result<Run
             &token,
             "--data-dir",
             data.to_str().context("work directory is not UTF-8")?,
+            "--max-upload-peers",
+            &args.max_upload_peers.to_string(),
         ]);
         for s in &supernodes {
             argv.extend(["--supernode".to_owned(), s.clone()]);

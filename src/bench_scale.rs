@@ -62,6 +62,15 @@ pub struct ScaleOutArgs {
     /// and registry egress)
     #[arg(long)]
     pub cross_check: bool,
+    /// Pieces each node uploads at once (shoald's --max-upload-peers; also given to the
+    /// sim of a --cross-check)
+    #[arg(
+        long,
+        env = shoal_daemon::config::MAX_UPLOAD_PEERS_ENV,
+        default_value_t = shoal_daemon::config::DEFAULT_MAX_UPLOAD_PEERS,
+        value_name = "N"
+    )]
+    pub max_upload_peers: usize,
     /// Keep every process's data directory and log (node-N.log, supernode-N.log) in this
     /// directory, for reading after the run (default: a temporary one, removed at the end;
     /// `SHOAL_LOG=shoal_daemon=debug` makes the logs say more)
@@ -73,6 +82,8 @@ pub struct ScaleOutArgs {
 /// network namespace).
 const MAX_NODES: usize = 1000;
 const MAX_SUPERNODES: usize = 64;
+/// As the sim takes it (a u16 there).
+const MAX_UPLOAD_PEERS: usize = 1024;
 /// 1 mbit/s, in bytes.
 const MIN_NETNS_RATE: u64 = 125_000;
 
@@ -89,6 +100,10 @@ impl ScaleOutArgs {
         ensure!(
             (1..=MAX_SUPERNODES).contains(&self.supernodes),
             "--supernodes must be between 1 and {MAX_SUPERNODES}"
+        );
+        ensure!(
+            (1..=MAX_UPLOAD_PEERS).contains(&self.max_upload_peers),
+            "--max-upload-peers must be between 1 and {MAX_UPLOAD_PEERS}"
         );
         ensure!(
             self.netns || !self.cross_check,
@@ -162,14 +177,15 @@ pub fn sim_command(args: &ScaleOutArgs, run: &Run) -> Option<String> {
     let (peer, supernode) = (run.shoal.peer_rtt_s?, run.shoal.supernode_rtt_s?);
     Some(format!(
         "shoal sim --nodes {} --image-size {} --layers {} --bandwidth {}bit --supernodes {} \
-         --rtt-ms {:.0} --supernode-rtt-ms {:.0}",
+         --rtt-ms {:.0} --supernode-rtt-ms {:.0} --max-upload-peers {}",
         args.nodes,
         args.image_size,
         args.layers,
         args.bandwidth * 8,
         args.supernodes,
         peer * 1000.0,
-        supernode * 1000.0
+        supernode * 1000.0,
+        args.max_upload_peers
     ))
 }
 
@@ -421,6 +437,8 @@ impl Swarm {
                 ns,
                 "--data-dir",
                 data.to_str().context("work directory is not UTF-8")?,
+                "--max-upload-peers",
+                &args.max_upload_peers.to_string(),
             ]
             .map(str::to_owned)
             .to_vec();
@@ -588,6 +606,8 @@ mod tests {
         assert!(refused("--supernodes 1000").contains("--supernodes"));
         assert!(refused("--netns --bandwidth 100kbit").contains("--bandwidth"));
         assert!(refused("--netns --image-size 1MiB").contains("--image-size"));
+        assert!(refused("--max-upload-peers 0").contains("--max-upload-peers"));
+        assert!(refused("--max-upload-peers 100000").contains("--max-upload-peers"));
         assert!(refused("--baseline bittorrent").contains("--netns"));
         assert!(refused("--cross-check").contains("--netns"));
         let fine = Cli::try_parse_from(["bench", "--netns", "--nodes", "40"]).unwrap();
@@ -622,7 +642,7 @@ mod tests {
         assert_eq!(
             command,
             "shoal sim --nodes 20 --image-size 67108864 --layers 2 --bandwidth 50000000bit \
-             --supernodes 1 --rtt-ms 53 --supernode-rtt-ms 65"
+             --supernodes 1 --rtt-ms 53 --supernode-rtt-ms 65 --max-upload-peers 4"
         );
         // The command is one the sim takes.
         let sim = sim_args(&command).unwrap();
@@ -631,5 +651,16 @@ mod tests {
             (20, 64 << 20, 6_250_000)
         );
         assert_eq!((sim.rtt_ms, sim.supernode_rtt_ms), (53.0, 65.0));
+        assert_eq!(sim.max_upload_peers, 4);
+        // The nodes' upload slots, when set, go to the sim too.
+        let cli = Cli::try_parse_from(
+            std::iter::once("bench")
+                .chain(flags.split_whitespace())
+                .chain(["--max-upload-peers", "5"]),
+        )
+        .unwrap();
+        let command = sim_command(&cli.bench, &run).unwrap();
+        assert!(command.ends_with("--max-upload-peers 5"), "{command}");
+        assert_eq!(sim_args(&command).unwrap().max_upload_peers, 5);
     }
 }

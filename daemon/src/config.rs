@@ -21,6 +21,10 @@ const DEFAULT_REGISTRY: &str = "docker.io";
 const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
 const DEFAULT_HEADER_TIMEOUT: &str = "20s";
 const DEFAULT_STALL_TIMEOUT: &str = "20s";
+/// Pieces uploaded to peers at once when `--max-upload-peers` is not given.
+pub const DEFAULT_MAX_UPLOAD_PEERS: usize = 4;
+/// The environment variable that sets `--max-upload-peers`.
+pub const MAX_UPLOAD_PEERS_ENV: &str = "SHOAL_MAX_UPLOAD_PEERS";
 
 /// Flags of `shoald` (serving). Every flag is also an environment variable.
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
@@ -142,7 +146,7 @@ pub struct ServeArgs {
     /// Pieces uploaded to peers at once; more requests are told to ask elsewhere [default: 4]
     #[arg(
         long,
-        env = "SHOAL_MAX_UPLOAD_PEERS",
+        env = MAX_UPLOAD_PEERS_ENV,
         value_name = "N",
         help_heading = "Swarm"
     )]
@@ -368,7 +372,10 @@ fn resolve_swarm(args: &ServeArgs, errors: &mut Vec<String>) -> Option<SwarmConf
         supernodes,
         zone: args.zone.clone().unwrap_or_default(),
         join_token: join_token?,
-        max_upload_peers: args.max_upload_peers.unwrap_or(4).max(1),
+        max_upload_peers: args
+            .max_upload_peers
+            .unwrap_or(DEFAULT_MAX_UPLOAD_PEERS)
+            .max(1),
         upload_rate: upload_rate?,
         download_rate: download_rate?,
     })

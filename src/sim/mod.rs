@@ -70,8 +70,9 @@ pub struct SimArgs {
     /// Supernodes (each with its seed); blobs are spread over them by rendezvous hashing
     #[arg(long, default_value_t = 1)]
     pub supernodes: usize,
-    /// A published scenario; sets nodes, image, layers and bandwidth
-    #[arg(long, value_enum)]
+    /// A published scenario; sets nodes, image, layers and bandwidth (so those flags cannot
+    /// be given with it)
+    #[arg(long, value_enum, conflicts_with_all = ["nodes", "image_size", "layers", "bandwidth"])]
     pub scenario: Option<Scenario>,
     /// Fraction of nodes that join late, at uniform times within --join-window
     #[arg(long, default_value_t = 0.0)]
@@ -199,7 +200,7 @@ const SEED_ID_BASE: u64 = 1 << 40;
 const PARALLEL_FROM: usize = 64;
 /// Pieces a host sends at once before it answers "busy": shoald's `--max-upload-peers`
 /// default and the supernode's seed limit.
-const NODE_UPLOADS: u16 = 4;
+const NODE_UPLOADS: u16 = shoal_daemon::config::DEFAULT_MAX_UPLOAD_PEERS as u16;
 const SEED_UPLOADS: u16 = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -1357,7 +1358,7 @@ mod tests {
     use super::*;
     use clap::Parser as _;
 
-    #[derive(clap::Parser)]
+    #[derive(Debug, clap::Parser)]
     struct Cli {
         #[command(flatten)]
         sim: SimArgs,
@@ -1574,5 +1575,19 @@ mod tests {
             let error = run(&cli.sim).unwrap_err().to_string();
             assert!(error.contains(flag), "{flag}={value}: {error}");
         }
+        // A scenario sets the swarm's shape: a flag that would be overridden is refused.
+        for flag in [
+            "--nodes=10",
+            "--image-size=1GiB",
+            "--layers=3",
+            "--bandwidth=1gbit",
+        ] {
+            let error = Cli::try_parse_from(["sim", "--scenario=kraken", flag])
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("--scenario"), "{flag}: {error}");
+        }
+        let cli = Cli::try_parse_from(["sim", "--scenario=kraken", "--rtt-ms=10"]).unwrap();
+        assert_eq!(cli.sim.scenario, Some(Scenario::Kraken));
     }
 }
