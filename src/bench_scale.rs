@@ -437,8 +437,6 @@ impl Swarm {
                 ns,
                 "--data-dir",
                 data.to_str().context("work directory is not UTF-8")?,
-                "--max-upload-peers",
-                &args.max_upload_peers.to_string(),
             ]
             .map(str::to_owned)
             .to_vec();
@@ -475,6 +473,8 @@ impl Swarm {
                 &token,
                 "--data-dir",
                 data.to_str().context("work directory is not UTF-8")?,
+                "--max-upload-peers",
+                &args.max_upload_peers.to_string(),
             ]
             .map(str::to_owned)
             .to_vec();
