@@ -82,6 +82,7 @@ pub struct ScaleOutArgs {
 /// network namespace).
 const MAX_NODES: usize = 1000;
 const MAX_SUPERNODES: usize = 64;
+const MAX_LAYERS: usize = 1000;
 /// As the sim takes it (a u16 there).
 const MAX_UPLOAD_PEERS: usize = 1024;
 /// 1 mbit/s, in bytes.
@@ -130,6 +131,10 @@ impl ScaleOutArgs {
         ensure!(
             self.layers > 0 && self.image_size >= self.layers as u64,
             "--layers must be at least 1 and at most the image size in bytes"
+        );
+        ensure!(
+            self.layers <= MAX_LAYERS,
+            "--layers must be at most {MAX_LAYERS}"
         );
         for b in self.baseline.iter().filter(|b| !b.is_empty()) {
             match b.as_str() {
@@ -226,6 +231,23 @@ pub async fn scale_out(args: &ScaleOutArgs) -> anyhow::Result<Run> {
     args.check()?;
     let started = Instant::now();
     let (_tmp, dir) = work_dir(args)?;
+    // Every node and seed stores the image, and so does the registry; it is built here in
+    // memory first.
+    let copies = (args.nodes + args.supernodes + 1) as u64;
+    crate::room::Room::measure(
+        &dir,
+        args.image_size.saturating_mul(copies),
+        args.image_size.saturating_mul(2),
+    )?
+    .check(
+        &format!(
+            "a swarm of {} node{} pulling a {} image",
+            args.nodes,
+            if args.nodes == 1 { "" } else { "s" },
+            crate::report::human_bytes(args.image_size)
+        ),
+        &dir,
+    )?;
     let per_layer = (args.image_size / args.layers as u64) as usize;
     let specs: Vec<LayerSpec> = (0..args.layers)
         .map(|_| LayerSpec::random_blob(per_layer))
@@ -607,6 +629,7 @@ mod tests {
         assert!(refused("--netns --bandwidth 100kbit").contains("--bandwidth"));
         assert!(refused("--netns --image-size 1MiB").contains("--image-size"));
         assert!(refused("--max-upload-peers 0").contains("--max-upload-peers"));
+        assert!(refused("--layers 5000").contains("--layers"));
         assert!(refused("--max-upload-peers 100000").contains("--max-upload-peers"));
         assert!(refused("--baseline bittorrent").contains("--netns"));
         assert!(refused("--cross-check").contains("--netns"));

@@ -18,6 +18,7 @@
 //! - [`tap`]: a counting TCP forwarder that measures registry egress.
 //! - [`sim`]: `shoal sim`, thousands of simulated nodes on the real scheduler and planner.
 //! - [`report`]: the results of scale-out runs: table, JSON, HTML with SVG plots.
+//! - [`room`]: whether the machine has the disk and memory a bench run needs.
 #![forbid(unsafe_code)]
 
 pub mod bench;
@@ -32,6 +33,7 @@ pub mod node;
 pub mod origin;
 pub mod registry;
 pub mod report;
+pub mod room;
 pub mod sim;
 pub mod tap;
 pub mod testbed;

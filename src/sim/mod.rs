@@ -144,6 +144,21 @@ impl SimArgs {
             self.layers > 0 && self.image_size >= self.layers as u64,
             "--layers must be at least 1 and at most the image size in bytes"
         );
+        anyhow::ensure!(
+            self.layers <= MAX_LAYERS,
+            "--layers must be at most {MAX_LAYERS}"
+        );
+        anyhow::ensure!(
+            self.nodes * self.layers <= MAX_PULLS,
+            "--nodes times --layers must be at most {MAX_PULLS}: each node's pull of each \
+             layer is a planner in memory"
+        );
+        let lower_bound = self.image_size as f64 / self.bandwidth as f64;
+        anyhow::ensure!(
+            lower_bound <= MAX_SECONDS,
+            "the image takes {lower_bound:.0} s at --bandwidth; the sim models pulls of at \
+             most {MAX_SECONDS} s (a larger --bandwidth or a smaller --image-size)"
+        );
         anyhow::ensure!(self.supernodes > 0, "--supernodes must be at least 1");
         anyhow::ensure!(
             self.max_upload_peers > 0,
@@ -189,6 +204,10 @@ impl SimArgs {
 const MAX_NODES: usize = 1_000_000;
 const MAX_THREADS: usize = 1024;
 const MAX_SECONDS: f64 = 3600.0;
+const MAX_LAYERS: usize = 1000;
+const MAX_PULLS: usize = 2_000_000;
+/// A run that takes longer than this says how far it has got, every so often.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// Questions to the supernode: every REFRESH, sooner when hungry (as the daemon asks).
 const REFRESH: f64 = 0.200;
@@ -603,8 +622,19 @@ impl Sim {
         let mut done = Vec::new();
         let mut t = 0.0;
         let mut active = self.nodes.len();
+        let (wall, mut next_progress, mut steps) = (Instant::now(), PROGRESS_EVERY, 0u64);
         while active > 0 && t <= limit {
             self.now_t = t;
+            steps += 1;
+            if steps % 256 == 0 && wall.elapsed() >= next_progress {
+                next_progress += PROGRESS_EVERY;
+                eprintln!(
+                    "sim: {t:.1} s of model time (S/B {lower_bound:.1} s), {active} of {} nodes \
+                     still pulling, {:.0} s of wall time",
+                    self.nodes.len(),
+                    wall.elapsed().as_secs_f64()
+                );
+            }
             while next_join < joins.len() && joins[next_join].0 <= t {
                 self.join(t, joins[next_join].1);
                 next_join += 1;
@@ -1570,11 +1600,16 @@ mod tests {
             ("--supernode-dies-at", "inf"),
             ("--threads", "100000"),
             ("--nodes", "1000000000"),
+            ("--layers", "100000000"),
+            ("--bandwidth", "1kbit"),
         ] {
             let cli = Cli::try_parse_from(["sim", &format!("{flag}={value}")]).unwrap();
             let error = run(&cli.sim).unwrap_err().to_string();
             assert!(error.contains(flag), "{flag}={value}: {error}");
         }
+        let cli = Cli::try_parse_from(["sim", "--nodes=1000000", "--layers=3"]).unwrap();
+        let error = run(&cli.sim).unwrap_err().to_string();
+        assert!(error.contains("--nodes times --layers"), "{error}");
         // A scenario sets the swarm's shape: a flag that would be overridden is refused.
         for flag in [
             "--nodes=10",
