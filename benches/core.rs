@@ -116,6 +116,7 @@ fn task() -> FromSupernode {
     FromSupernode::Task {
         digest: BlobDigest::of(b"blob"),
         layout,
+        hashes_from: 0,
         hashes,
         parents,
     }

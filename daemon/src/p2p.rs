@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderValue, Method, StatusCode};
 use sha2::{Digest as _, Sha256};
 use shoal_proto::message::{FromSupernode, NodeId, Origin, PieceSet, ToSupernode};
-use shoal_proto::{BlobDigest, PieceIndex, PieceLayout};
+use shoal_proto::{BlobDigest, PieceHash, PieceIndex, PieceLayout};
 use shoal_registry_proxy::Upstream;
 use shoal_transport::pieces::{Piece, PieceError, fetch_piece};
 use tokio::sync::watch;
@@ -96,19 +96,22 @@ impl P2pFetch<'_> {
         };
         let (mut supernode, reply) = self.swarm.want(req.digest, req.len, &origin).await?;
         self.note_round_trip(supernode);
-        let (layout, mut hashes, parents) = match reply {
+        let (layout, hashes_from, more, parents) = match reply {
             FromSupernode::Task {
                 layout,
+                hashes_from,
                 hashes,
                 parents,
                 ..
-            } if layout.blob_len() == req.len => (layout, hashes, parents),
+            } if layout.blob_len() == req.len => (layout, hashes_from, hashes, parents),
             FromSupernode::Task { .. } => {
                 anyhow::bail!("supernode's layout does not match the blob's length")
             }
             FromSupernode::Refused { reason, .. } => anyhow::bail!("supernode refused: {reason}"),
         };
         let now = Instant::now();
+        let mut hashes = Vec::new();
+        extend_hashes(&mut hashes, hashes_from, more, layout.count());
         let mut planner = Planner::new(PlannerConfig::default(), layout, self.swarm.me, now);
         let mut addrs: HashMap<NodeId, SocketAddr> =
             parents.iter().map(|p| (p.node, p.addr)).collect();
@@ -256,12 +259,11 @@ impl P2pFetch<'_> {
                 answer = async { asking.as_mut().expect("guarded").await }, if asking.is_some() => {
                     asking = None;
                     match answer.unwrap_or_else(|e| Err(e.into())) {
-                        Ok(Some(FromSupernode::Task { hashes: more, parents, .. })) => {
+                        Ok(Some(FromSupernode::Task { hashes_from, hashes: more, parents, .. })) => {
                             self.note_round_trip(supernode);
                             supernode_lost = false;
                             supernode_failures = 0;
-                            if more.len() > hashes.len() && more.len() <= layout.count() as usize {
-                                hashes = more;
+                            if extend_hashes(&mut hashes, hashes_from, more, layout.count()) {
                                 planner.hashes_known(hashes.len() as u32);
                             }
                             if std::mem::take(&mut took_over) {
@@ -471,4 +473,40 @@ async fn registry_range(
         return Err("registry range ended early".into());
     }
     Ok(piece)
+}
+
+/// Adds to `known` (the hashes of the first pieces, in order) those of a supernode's answer
+/// that carries hashes from piece `from` on; returns whether any were new. An answer that
+/// starts past the known ones (a gap) or runs past the blob's `count` pieces adds nothing.
+fn extend_hashes(known: &mut Vec<PieceHash>, from: u32, more: Vec<PieceHash>, count: u32) -> bool {
+    let (from, have) = (from as usize, known.len());
+    if from > have || from + more.len() > count as usize || from + more.len() <= have {
+        return false;
+    }
+    known.extend(more.into_iter().skip(have - from));
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_are_added_where_the_known_ones_end() {
+        let h = |i: u8| PieceHash([i; 32]);
+        let mut known = Vec::new();
+        assert!(extend_hashes(&mut known, 0, vec![h(0), h(1)], 5));
+        assert_eq!(known, vec![h(0), h(1)]);
+        // An answer overlapping what is known adds only the rest.
+        assert!(extend_hashes(&mut known, 1, vec![h(1), h(2)], 5));
+        assert_eq!(known, vec![h(0), h(1), h(2)]);
+        // Nothing new, a gap, or past the blob: nothing added.
+        assert!(!extend_hashes(&mut known, 3, vec![], 5));
+        assert!(!extend_hashes(&mut known, 1, vec![h(1)], 5));
+        assert!(!extend_hashes(&mut known, 4, vec![h(4)], 5));
+        assert!(!extend_hashes(&mut known, 3, vec![h(3), h(4), h(5)], 5));
+        assert_eq!(known.len(), 3);
+        assert!(extend_hashes(&mut known, 3, vec![h(3), h(4)], 5));
+        assert_eq!(known.len(), 5);
+    }
 }

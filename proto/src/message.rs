@@ -16,8 +16,9 @@ use crate::digest::BlobDigest;
 use crate::piece::{PieceHash, PieceIndex, PieceLayout};
 
 /// The protocol version, as negotiated by ALPN. 3: blobs under 128 MiB have smaller pieces
-/// ([`PieceLayout::for_blob`]), and a node serves a complete blob by that layout.
-pub const ALPN: &[u8] = b"shoal/3";
+/// ([`PieceLayout::for_blob`]), and a node serves a complete blob by that layout. 4: a task
+/// carries only the hashes the node does not know yet ([`FromSupernode::Task`]).
+pub const ALPN: &[u8] = b"shoal/4";
 
 /// QUIC send priority of control streams, above piece streams (0) on the same connection.
 pub const CONTROL_PRIORITY: i32 = 1;
@@ -289,11 +290,14 @@ pub enum ToSupernode {
 /// From a supernode to a daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FromSupernode {
-    /// A blob's layout, the hashes of its first `hashes.len()` pieces (the seed publishes
-    /// them in order as they stream in), and parents for pieces the node lacks.
+    /// A blob's layout, the hashes of its pieces `hashes_from..hashes_from + hashes.len()`
+    /// (the seed publishes them in order as they stream in; a node is sent those beyond the
+    /// `known_hashes` of its `Want`, so that a swarm asking every few milliseconds does not
+    /// fill the supernode's link with hashes it has), and parents for pieces the node lacks.
     Task {
         digest: BlobDigest,
         layout: PieceLayout,
+        hashes_from: u32,
         hashes: Vec<PieceHash>,
         parents: Vec<Parent>,
     },
@@ -334,8 +338,12 @@ pub enum InvalidMessage {
     },
     #[error("piece set does not fit a blob of {count} pieces")]
     PieceSetMismatch { count: u32 },
-    #[error("more piece hashes ({hashes}) than pieces ({count})")]
-    TooManyHashes { hashes: usize, count: u32 },
+    #[error("{hashes} piece hashes from piece {from} on, past the blob's {count} pieces")]
+    TooManyHashes {
+        hashes: usize,
+        from: u32,
+        count: u32,
+    },
     #[error("{0} is past the blob's last piece")]
     PieceOutOfRange(PieceIndex),
 }
@@ -374,14 +382,16 @@ impl FromSupernode {
         match self {
             Self::Task {
                 layout,
+                hashes_from,
                 hashes,
                 parents,
                 ..
             } => {
                 let count = layout.count();
-                if hashes.len() > count as usize {
+                if hashes.len() as u64 + u64::from(*hashes_from) > u64::from(count) {
                     return Err(InvalidMessage::TooManyHashes {
                         hashes: hashes.len(),
+                        from: *hashes_from,
                         count,
                     });
                 }
@@ -484,23 +494,36 @@ mod tests {
         let ok = FromSupernode::Task {
             digest,
             layout,
+            hashes_from: 0,
             hashes: vec![PieceHash::of(b"a")],
             parents: vec![parent(PieceSet::empty(3))],
         };
         assert!(ok.validate().is_ok());
-        let bad = FromSupernode::Task {
+        let tail = FromSupernode::Task {
             digest,
             layout,
-            hashes: vec![PieceHash::of(b"a"); 4],
+            hashes_from: 1,
+            hashes: vec![PieceHash::of(b"b"); 2],
             parents: vec![],
         };
-        assert!(matches!(
-            bad.validate(),
-            Err(InvalidMessage::TooManyHashes { .. })
-        ));
+        assert!(tail.validate().is_ok());
+        for (from, n) in [(0, 4), (2, 2), (u32::MAX, 1)] {
+            let bad = FromSupernode::Task {
+                digest,
+                layout,
+                hashes_from: from,
+                hashes: vec![PieceHash::of(b"a"); n],
+                parents: vec![],
+            };
+            assert!(
+                matches!(bad.validate(), Err(InvalidMessage::TooManyHashes { .. })),
+                "{from} + {n}"
+            );
+        }
         let bad = FromSupernode::Task {
             digest,
             layout,
+            hashes_from: 0,
             hashes: vec![],
             parents: vec![parent(PieceSet::empty(100))],
         };

@@ -378,10 +378,14 @@ async fn want(
     let _ = s.have(now, state.me, &digest, &held);
     let parents = s.parents(now, node, &digest).unwrap_or_default();
     state.decisions.fetch_add(1, Ordering::Relaxed);
+    // Only the hashes the node lacks: the rest would be resent with every question.
+    let from = (known_hashes as usize).min(progress.hashes.len());
+    let mut hashes = progress.hashes;
     FromSupernode::Task {
         digest,
         layout,
-        hashes: progress.hashes,
+        hashes_from: from as u32,
+        hashes: hashes.split_off(from),
         parents,
     }
 }
