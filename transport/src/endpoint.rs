@@ -34,6 +34,29 @@ pub enum TransportError {
     Connection(#[from] quinn::ConnectionError),
     #[error("the peer's certificate names no shoal node")]
     NoIdentity,
+    #[error(
+        "the peer speaks another shoal protocol version (this node: {}): run the same shoal \
+         release on every node and supernode",
+        String::from_utf8_lossy(ALPN)
+    )]
+    Version,
+}
+
+/// TLS's `no_application_protocol` alert: the two ends offered no ALPN in common.
+const NO_APPLICATION_PROTOCOL: u8 = 120;
+
+/// A failed handshake, saying so when the two ends speak different protocol versions.
+fn connection_error(e: quinn::ConnectionError) -> TransportError {
+    let code = match &e {
+        quinn::ConnectionError::TransportError(t) => Some(t.code),
+        quinn::ConnectionError::ConnectionClosed(c) => Some(c.error_code),
+        _ => None,
+    };
+    if code == Some(quinn::TransportErrorCode::crypto(NO_APPLICATION_PROTOCOL)) {
+        TransportError::Version
+    } else {
+        TransportError::Connection(e)
+    }
 }
 
 /// A QUIC endpoint that accepts and opens mutually authenticated connections.
@@ -45,6 +68,16 @@ pub struct Endpoint {
 impl Endpoint {
     /// Binds `addr` with `identity`'s certificate.
     pub fn bind(addr: SocketAddr, identity: &NodeIdentity) -> Result<Self, TransportError> {
+        Self::bind_speaking(addr, identity, ALPN)
+    }
+
+    /// Binds `addr`, speaking protocol version `alpn` (another than [`ALPN`] only in tests
+    /// of what a node of another release sees).
+    fn bind_speaking(
+        addr: SocketAddr,
+        identity: &NodeIdentity,
+        alpn: &[u8],
+    ) -> Result<Self, TransportError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let roots = Arc::new(roots(&identity.ca_pem)?);
         let chain =
@@ -58,12 +91,12 @@ impl Endpoint {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain.clone(), key.clone_key())?;
-        server.alpn_protocols = vec![ALPN.to_vec()];
+        server.alpn_protocols = vec![alpn.to_vec()];
         let mut client = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)?;
-        client.alpn_protocols = vec![ALPN.to_vec()];
+        client.alpn_protocols = vec![alpn.to_vec()];
 
         let transport = Arc::new(transport_config());
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(
@@ -96,7 +129,11 @@ impl Endpoint {
         &self,
         addr: SocketAddr,
     ) -> Result<(quinn::Connection, NodeId), TransportError> {
-        let conn = self.inner.connect(addr, SERVER_NAME)?.await?;
+        let conn = self
+            .inner
+            .connect(addr, SERVER_NAME)?
+            .await
+            .map_err(connection_error)?;
         let node = peer_node(&conn)?;
         Ok((conn, node))
     }
@@ -133,7 +170,7 @@ impl Accepting {
         match self
             .0
             .await
-            .map_err(TransportError::from)
+            .map_err(connection_error)
             .and_then(|c| peer_node(&c).map(|n| (c, n)))
         {
             Ok(accepted) => Some(accepted),
@@ -241,6 +278,27 @@ mod tests {
         assert_eq!(recv.read_to_end(1024).await.unwrap(), b"piece");
         conn.close(0u32.into(), b"done");
         assert_eq!(server.await.unwrap(), NodeId(2));
+    }
+
+    #[tokio::test]
+    async fn a_node_of_another_protocol_version_is_told_so() {
+        let ca = ClusterCa::generate().unwrap();
+        let new = Endpoint::bind(local(), &ca.issue(NodeId(1)).unwrap()).unwrap();
+        let old =
+            Endpoint::bind_speaking(local(), &ca.issue(NodeId(2)).unwrap(), b"shoal/0").unwrap();
+        let addr = new.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let accepting = new.incoming().await.unwrap();
+            accepting.0.await.map_err(connection_error)
+        });
+        let error = old.connect(addr).await.unwrap_err();
+        assert!(matches!(error, TransportError::Version), "{error}");
+        assert!(
+            error.to_string().contains(&*String::from_utf8_lossy(ALPN)),
+            "{error}"
+        );
+        let error = server.await.unwrap().unwrap_err();
+        assert!(matches!(error, TransportError::Version), "{error}");
     }
 
     /// A peer that sends its first handshake packet and nothing more (its link dropped
