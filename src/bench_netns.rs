@@ -131,6 +131,9 @@ pub async fn scale_out(args: &ScaleOutArgs, image: &Image) -> anyhow::Result<Run
         for s in &supernodes {
             argv.extend(["--supernode".to_owned(), s.clone()]);
         }
+        if args.upload_link_known {
+            argv.extend(["--upload-link".to_owned(), args.bandwidth.to_string()]);
+        }
         procs.push(spawn_in(&lab, host, &argv, &log)?);
         wait_healthy(
             &client,

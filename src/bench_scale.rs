@@ -71,6 +71,11 @@ pub struct ScaleOutArgs {
         value_name = "N"
     )]
     pub max_upload_peers: usize,
+    /// (--netns) Tell each node its link (shoald's --upload-link at --bandwidth): nodes then
+    /// send up to 2 pieces beyond --max-upload-peers while their link has room (also given
+    /// to the sim of a --cross-check)
+    #[arg(long)]
+    pub upload_link_known: bool,
     /// Keep every process's data directory and log (node-N.log, supernode-N.log) in this
     /// directory, for reading after the run (default: a temporary one, removed at the end;
     /// `SHOAL_LOG=shoal_daemon=debug` makes the logs say more)
@@ -109,6 +114,11 @@ impl ScaleOutArgs {
         ensure!(
             self.netns || !self.cross_check,
             "--cross-check compares a --netns run with the sim: add --netns"
+        );
+        ensure!(
+            self.netns || !self.upload_link_known,
+            "--upload-link-known gives each node its --bandwidth cap: add --netns (on \
+             loopback a node's link has no known rate)"
         );
         if self.netns {
             // tbf lets its bucket through at line rate: the cap must hold for most of the
@@ -182,7 +192,7 @@ pub fn sim_command(args: &ScaleOutArgs, run: &Run) -> Option<String> {
     let (peer, supernode) = (run.shoal.peer_rtt_s?, run.shoal.supernode_rtt_s?);
     Some(format!(
         "shoal sim --nodes {} --image-size {} --layers {} --bandwidth {}bit --supernodes {} \
-         --rtt-ms {:.0} --supernode-rtt-ms {:.0} --max-upload-peers {}",
+         --rtt-ms {:.0} --supernode-rtt-ms {:.0} --max-upload-peers {}{}",
         args.nodes,
         args.image_size,
         args.layers,
@@ -190,7 +200,12 @@ pub fn sim_command(args: &ScaleOutArgs, run: &Run) -> Option<String> {
         args.supernodes,
         peer * 1000.0,
         supernode * 1000.0,
-        args.max_upload_peers
+        args.max_upload_peers,
+        if args.upload_link_known {
+            " --upload-link-known"
+        } else {
+            ""
+        }
     ))
 }
 
@@ -633,6 +648,7 @@ mod tests {
         assert!(refused("--max-upload-peers 100000").contains("--max-upload-peers"));
         assert!(refused("--baseline bittorrent").contains("--netns"));
         assert!(refused("--cross-check").contains("--netns"));
+        assert!(refused("--upload-link-known").contains("--netns"));
         let fine = Cli::try_parse_from(["bench", "--netns", "--nodes", "40"]).unwrap();
         fine.bench.check().unwrap();
     }
@@ -685,5 +701,15 @@ mod tests {
         let command = sim_command(&cli.bench, &run).unwrap();
         assert!(command.ends_with("--max-upload-peers 5"), "{command}");
         assert_eq!(sim_args(&command).unwrap().max_upload_peers, 5);
+        assert!(!sim_args(&command).unwrap().upload_link_known);
+        // Nodes told their link: so is the sim.
+        let cli = Cli::try_parse_from(
+            std::iter::once("bench")
+                .chain(flags.split_whitespace())
+                .chain(["--upload-link-known"]),
+        )
+        .unwrap();
+        let command = sim_command(&cli.bench, &run).unwrap();
+        assert!(sim_args(&command).unwrap().upload_link_known, "{command}");
     }
 }

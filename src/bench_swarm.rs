@@ -114,7 +114,7 @@ async fn one_hop(holder: &Endpoint, asker: &Endpoint, len: u64) -> anyhow::Resul
             serve_pieces(
                 conn,
                 lookup,
-                shoal_transport::pieces::UploadLimits::new(64, 0),
+                shoal_transport::pieces::UploadLimits::new(64, 0, 0),
             )
             .await;
         }

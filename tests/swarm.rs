@@ -180,7 +180,7 @@ async fn corrupting_peer(
     let lookup: shoal_transport::pieces::PieceLookup =
         Arc::new(move |_, i| Some((garbage.clone(), layout.range(i).ok()?)));
     let accept = endpoint.clone();
-    let uploads = shoal_transport::pieces::UploadLimits::new(64, 0);
+    let uploads = shoal_transport::pieces::UploadLimits::new(64, 0, 0);
     tokio::spawn(async move {
         while let Some((conn, _)) = accept.accept().await {
             tokio::spawn(shoal_transport::pieces::serve_pieces(

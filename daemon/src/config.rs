@@ -143,6 +143,18 @@ pub struct ServeArgs {
     )]
     pub download_rate: Option<String>,
 
+    /// Bytes per second this node's link can send, e.g. 12MB for 100 Mbit/s: with it the
+    /// node sends up to 2 pieces beyond --max-upload-peers while its uploads use under 90%
+    /// of it (its link has room when some receivers are slow) [default: --upload-rate, else
+    /// unknown: no more than --max-upload-peers]
+    #[arg(
+        long,
+        env = "SHOAL_UPLOAD_LINK",
+        value_name = "SIZE",
+        help_heading = "Swarm"
+    )]
+    pub upload_link: Option<String>,
+
     /// Pieces uploaded to peers at once; more requests are told to ask elsewhere [default: 4]
     #[arg(
         long,
@@ -191,6 +203,7 @@ impl ServeArgs {
             max_upload_peers: self.max_upload_peers.or(file.max_upload_peers),
             upload_rate: self.upload_rate.or(file.upload_rate),
             download_rate: self.download_rate.or(file.download_rate),
+            upload_link: self.upload_link.or(file.upload_link),
         }
     }
 }
@@ -367,6 +380,7 @@ fn resolve_swarm(args: &ServeArgs, errors: &mut Vec<String>) -> Option<SwarmConf
     });
     let upload_rate = rate(errors, "upload-rate", args.upload_rate.as_deref());
     let download_rate = rate(errors, "download-rate", args.download_rate.as_deref());
+    let upload_link = rate(errors, "upload-link", args.upload_link.as_deref());
     Some(SwarmConfig {
         peer_listen: peer_listen?,
         supernodes,
@@ -378,6 +392,11 @@ fn resolve_swarm(args: &ServeArgs, errors: &mut Vec<String>) -> Option<SwarmConf
             .max(1),
         upload_rate: upload_rate?,
         download_rate: download_rate?,
+        upload_link: upload_link.zip(upload_rate).map(
+            |(link, rate)| {
+                if link > 0 { link } else { rate }
+            },
+        )?,
     })
 }
 
@@ -450,6 +469,7 @@ mod tests {
             supernodes: vec!["10.0.0.1:65100".into(), "nope".into()],
             peer_listen: Some("0.0.0.0:65002".into()),
             upload_rate: Some("fast".into()),
+            upload_link: Some("12 potatoes".into()),
             ..Default::default()
         };
         let err = Config::resolve(args, None).unwrap_err().to_string();
@@ -458,6 +478,7 @@ mod tests {
             "wildcard",
             "--join-token",
             "--upload-rate",
+            "--upload-link",
         ] {
             assert!(err.contains(needle), "{needle} missing in {err}");
         }
@@ -472,6 +493,25 @@ mod tests {
         let swarm = Config::resolve(args, None).unwrap().swarm.unwrap();
         assert_eq!(swarm.download_rate, 100 << 20);
         assert_eq!(swarm.upload_rate, 0);
+        assert_eq!(swarm.upload_link, 0, "unknown");
+        let with = |rate: Option<&str>, link: Option<&str>| {
+            let args = ServeArgs {
+                supernodes: vec!["10.0.0.1:65100".into()],
+                peer_listen: Some("10.0.0.7:65002".into()),
+                join_token: Some(shoal_transport::JoinToken::new(&ca).to_string()),
+                upload_rate: rate.map(Into::into),
+                upload_link: link.map(Into::into),
+                ..Default::default()
+            };
+            Config::resolve(args, None)
+                .unwrap()
+                .swarm
+                .unwrap()
+                .upload_link
+        };
+        assert_eq!(with(Some("5MB"), None), 5_000_000, "the rate is the link");
+        assert_eq!(with(Some("5MB"), Some("12MB")), 12_000_000);
+        assert_eq!(with(None, Some("12MB")), 12_000_000);
     }
 
     #[test]

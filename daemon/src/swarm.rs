@@ -40,6 +40,8 @@ pub struct SwarmConfig {
     pub upload_rate: u64,
     /// Bytes per second taken from peers; 0 is unlimited.
     pub download_rate: u64,
+    /// Bytes per second the node's link can send; 0 is unknown.
+    pub upload_link: u64,
 }
 
 /// The node's swarm endpoint and connections.
@@ -76,7 +78,11 @@ impl Swarm {
             supernodes: config.supernodes.clone(),
             conns: Mutex::default(),
             dialer: Dialer::default(),
-            uploads: UploadLimits::new(config.max_upload_peers, config.upload_rate),
+            uploads: UploadLimits::new(
+                config.max_upload_peers,
+                config.upload_rate,
+                config.upload_link,
+            ),
             download_rate: ByteRate::new(config.download_rate),
             holdings: std::sync::OnceLock::new(),
         }))

@@ -52,6 +52,7 @@ impl<T: Copy> Net<T> {
     pub fn new(caps: impl IntoIterator<Item = (f64, f64)>) -> Self {
         let (up, down): (Vec<f64>, Vec<f64>) = caps.into_iter().unzip();
         let n = up.len();
+        let rem_up = up.clone();
         Self {
             up,
             down,
@@ -61,7 +62,7 @@ impl<T: Copy> Net<T> {
             rate: Vec::new(),
             grow: Vec::new(),
             open: Vec::new(),
-            rem_up: vec![0.0; n],
+            rem_up,
             rem_down: vec![0.0; n],
             n_up: vec![0; n],
             n_down: vec![0; n],
@@ -77,6 +78,16 @@ impl<T: Copy> Net<T> {
             left: bytes as f64,
             tag,
         });
+    }
+
+    /// Bytes per second `host` sent in the last step.
+    pub fn sending(&self, host: Host) -> f64 {
+        self.up[host as usize] - self.rem_up[host as usize]
+    }
+
+    /// `host`'s upload capacity in bytes per second.
+    pub fn upload(&self, host: Host) -> f64 {
+        self.up[host as usize]
     }
 
     pub fn flows(&self) -> usize {

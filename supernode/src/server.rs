@@ -212,7 +212,7 @@ async fn housekeeping(state: Arc<State>) {
 }
 
 async fn accept_quic(endpoint: Endpoint, state: Arc<State>) {
-    let uploads = shoal_transport::pieces::UploadLimits::new(SEED_UPLOADS, 0);
+    let uploads = shoal_transport::pieces::UploadLimits::new(SEED_UPLOADS, 0, 0);
     let seed_state = state.clone();
     let lookup: PieceLookup = Arc::new(move |digest, index| {
         let piece = seed_state.seed.get(digest)?.piece(index)?;

@@ -5,12 +5,14 @@
 //! - [`ca`]: the cluster CA, node certificates, join tokens.
 //! - [`endpoint`]: QUIC endpoints that present a node certificate and require one from the
 //!   other side; sized UDP buffers; the peer's node id from its certificate.
+//! - [`link`]: room on a node's upload link, measured.
 //! - [`pieces`]: piece requests and answers over QUIC streams.
 //! - [`rate`]: byte-rate limits for uploads and downloads.
 #![forbid(unsafe_code)]
 
 pub mod ca;
 pub mod endpoint;
+pub mod link;
 pub mod pieces;
 pub mod rate;
 

@@ -8,14 +8,16 @@
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt as _;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use shoal_proto::frame::{self, FrameDecoder, FrameError};
 use shoal_proto::message::{PeerReply, PeerRequest, StreamKind, Uploads};
 use shoal_proto::{BlobDigest, PieceIndex};
+
+use crate::link::{self, LinkMeter};
 
 /// Longest a peer may take to answer a request header.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -196,6 +198,8 @@ pub const SLOT_WAIT: Duration = Duration::from_millis(100);
 
 /// What a node lets out: pieces sent at once (over it, peers wait up to [`SLOT_WAIT`], as
 /// many at most as there are slots, and others are told `Busy`) and bytes per second.
+/// When it knows its link, it sends up to [`link::EXTRA_UPLOADS`] pieces
+/// beyond its slots while the connections it serves send under [`link::ROOM_BELOW`] of it.
 #[derive(Debug)]
 pub struct UploadLimits {
     slots: tokio::sync::Semaphore,
@@ -203,6 +207,50 @@ pub struct UploadLimits {
     /// `slots`' size, and the most requests that wait for one.
     total: usize,
     waiting: AtomicUsize,
+    /// Pieces beyond the slots, and what the link sends; only when the link is known.
+    extra: tokio::sync::Semaphore,
+    link: Option<Link>,
+}
+
+/// A node's upload link as its served connections' counters show it.
+#[derive(Debug)]
+struct Link {
+    capacity: f64,
+    state: Mutex<LinkState>,
+}
+
+#[derive(Debug, Default)]
+struct LinkState {
+    meter: LinkMeter,
+    /// Connections served, with the bytes each had sent when last read.
+    conns: Vec<(quinn::Connection, u64)>,
+    /// Bytes sent over all of them, closed ones included.
+    total: u64,
+}
+
+impl LinkState {
+    /// Adds what every connection sent since the last reading; forgets closed ones.
+    fn count(&mut self) -> u64 {
+        let mut total = self.total;
+        self.conns.retain_mut(|(conn, last)| {
+            let sent = conn.stats().udp_tx.bytes;
+            total += sent.saturating_sub(*last);
+            *last = sent;
+            conn.close_reason().is_none()
+        });
+        self.total = total;
+        total
+    }
+
+    fn has_room(&mut self, now: Instant, capacity: f64) -> bool {
+        if self.meter.wants_sample(now) {
+            let total = self.count();
+            self.meter.sample(now, total);
+        }
+        self.meter
+            .rate()
+            .is_some_and(|rate| link::has_room(rate, capacity))
+    }
 }
 
 /// One request counted among those waiting for a slot, until dropped.
@@ -215,19 +263,46 @@ impl Drop for Waiting<'_> {
 }
 
 impl UploadLimits {
-    pub fn new(slots: usize, bytes_per_second: u64) -> Arc<Self> {
+    /// `slots` pieces at once, at most `bytes_per_second` (0: unlimited), on a link that
+    /// sends `link_bytes_per_second` (0: unknown).
+    pub fn new(slots: usize, bytes_per_second: u64, link_bytes_per_second: u64) -> Arc<Self> {
+        let link = (link_bytes_per_second > 0).then(|| Link {
+            capacity: link_bytes_per_second as f64,
+            state: Mutex::default(),
+        });
         Arc::new(Self {
             slots: tokio::sync::Semaphore::new(slots),
             rate: crate::rate::ByteRate::new(bytes_per_second),
             total: slots,
             waiting: AtomicUsize::new(0),
+            extra: tokio::sync::Semaphore::new(if link.is_some() {
+                link::EXTRA_UPLOADS
+            } else {
+                0
+            }),
+            link,
         })
     }
 
-    /// A slot for one piece: at once, or after waiting up to `wait` behind fewer than
-    /// `slots` other requests; `None` means busy.
+    /// Counts what `conn` sends toward the link's use (when the link is known).
+    pub fn watch(&self, conn: &quinn::Connection) {
+        if let Some(link) = &self.link {
+            let sent = conn.stats().udp_tx.bytes;
+            lock(&link.state).conns.push((conn.clone(), sent));
+        }
+    }
+
+    /// A slot for one piece: at once, beyond the slots while the link has room, or after
+    /// waiting up to `wait` behind fewer than `slots` other requests; `None` means busy.
     pub async fn slot(&self, wait: Duration) -> Option<tokio::sync::SemaphorePermit<'_>> {
         if let Ok(permit) = self.slots.try_acquire() {
+            return Some(permit);
+        }
+        if let Some(link) = &self.link
+            && self.extra.available_permits() > 0
+            && lock(&link.state).has_room(Instant::now(), link.capacity)
+            && let Ok(permit) = self.extra.try_acquire()
+        {
             return Some(permit);
         }
         let queued = self.waiting.fetch_add(1, Ordering::Relaxed);
@@ -241,7 +316,7 @@ impl UploadLimits {
             .ok()
     }
 
-    /// Pieces being sent now, of at most how many.
+    /// Pieces being sent now in the slots (not those beyond them), of at most how many.
     pub fn now(&self) -> Uploads {
         let clamp = |n: usize| u16::try_from(n).unwrap_or(u16::MAX);
         Uploads {
@@ -249,6 +324,18 @@ impl UploadLimits {
             slots: clamp(self.total),
         }
     }
+
+    /// Bytes the watched connections have sent (`None` when the link is unknown).
+    pub fn sent(&self) -> Option<u64> {
+        Some(lock(&self.link.as_ref()?.state).count())
+    }
+}
+
+/// The link's state stays whole whatever a holder of the lock did: it holds counters.
+fn lock(state: &Mutex<LinkState>) -> std::sync::MutexGuard<'_, LinkState> {
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Answers the piece requests of one connection until it closes, within `uploads`. Other
@@ -258,6 +345,7 @@ pub async fn serve_pieces(
     lookup: PieceLookup,
     uploads: Arc<UploadLimits>,
 ) {
+    uploads.watch(&conn);
     while let Ok((send, mut recv)) = conn.accept_bi().await {
         let (lookup, uploads) = (lookup.clone(), uploads.clone());
         tokio::spawn(async move {
@@ -370,9 +458,12 @@ mod tests {
             }
         });
         let addr = holder.local_addr().unwrap();
+        // A link of 1 TiB/s: known, so the bytes sent are counted.
+        let limits = UploadLimits::new(8, 0, 1 << 40);
+        let served = limits.clone();
         tokio::spawn(async move {
             while let Some((conn, _)) = holder.accept().await {
-                tokio::spawn(serve_pieces(conn, lookup.clone(), UploadLimits::new(8, 0)));
+                tokio::spawn(serve_pieces(conn, lookup.clone(), served.clone()));
             }
         });
         let (conn, _) = asker.connect(addr).await.unwrap();
@@ -383,6 +474,9 @@ mod tests {
             let r = layout.range(i).unwrap();
             assert_eq!(piece.to_vec(), &blob[r.start as usize..r.end as usize]);
         }
+        let sent = limits.sent().unwrap();
+        assert!(sent >= blob.len() as u64, "{sent} bytes counted");
+        assert_eq!(UploadLimits::new(8, 0, 0).sent(), None);
         let other = BlobDigest::of(b"other");
         assert!(matches!(
             fetch_piece(&conn, other, PieceIndex(0), 1).await,
@@ -396,7 +490,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_request_waits_its_turn_for_a_slot_and_no_longer_than_told() {
-        let limits = UploadLimits::new(2, 0);
+        let limits = UploadLimits::new(2, 0, 0);
         let wait = Duration::from_millis(100);
         let first = limits.slot(wait).await.expect("a free slot at once");
         let _second = limits.slot(wait).await.expect("a free slot at once");
@@ -424,6 +518,49 @@ mod tests {
         // Nobody is counted as waiting any more.
         let _again = limits.slot(wait).await.expect("a free slot");
         assert!(limits.slot(wait).await.is_none(), "waits and gives up");
+    }
+
+    /// Limits of one slot on a link of 1 MB/s whose meter saw `sent` bytes in 100 ms.
+    fn one_slot_on_a_link_that_sent(sent: u64) -> Arc<UploadLimits> {
+        let limits = UploadLimits::new(1, 0, 1_000_000);
+        let mut state = lock(&limits.link.as_ref().unwrap().state);
+        let now = Instant::now();
+        state.meter.sample(now - Duration::from_millis(100), 0);
+        state
+            .meter
+            .sample(now - Duration::from_millis(50), sent / 2);
+        state.total = sent;
+        drop(state);
+        limits
+    }
+
+    #[tokio::test]
+    async fn a_node_sends_beyond_its_slots_while_its_link_has_room() {
+        let wait = Duration::from_millis(20);
+        // 10 KB in 100 ms: 100 KB/s of 1 MB/s.
+        let limits = one_slot_on_a_link_that_sent(10_000);
+        let first = limits.slot(wait).await.expect("the slot");
+        let second = limits.slot(wait).await.expect("room on the link");
+        let third = limits.slot(wait).await.expect("room on the link");
+        assert_eq!(link::EXTRA_UPLOADS, 2);
+        assert!(limits.slot(wait).await.is_none(), "no more than 2 beyond");
+        assert_eq!(limits.now().sending, 1, "the slots' count only");
+        drop(second);
+        assert!(limits.slot(wait).await.is_some(), "a place beyond freed");
+        drop((first, third));
+    }
+
+    #[tokio::test]
+    async fn a_node_whose_link_is_busy_keeps_to_its_slots() {
+        let wait = Duration::from_millis(20);
+        // 95 KB in 100 ms: 950 KB/s of 1 MB/s.
+        let limits = one_slot_on_a_link_that_sent(95_000);
+        let _first = limits.slot(wait).await.expect("the slot");
+        assert!(limits.slot(wait).await.is_none(), "the link is busy");
+        // A node that does not know its link never goes beyond its slots.
+        let unknown = UploadLimits::new(1, 0, 0);
+        let _only = unknown.slot(wait).await.expect("the slot");
+        assert!(unknown.slot(wait).await.is_none());
     }
 
     #[test]
