@@ -162,12 +162,14 @@ pub async fn scale_out(args: &ScaleOutArgs, image: &Image) -> anyhow::Result<Run
     .await?;
     shoal.registry_egress_bytes = registry.blob_bytes_sent() - egress_before;
     let (mut answers, mut peer_rtts, mut supernode_rtts) = ((0.0, 0), (0.0, 0), (0.0, 0));
+    let mut beyond = 0;
     for &host in &nodes {
         let url = format!("http://{}:{MIRROR_PORT}/metrics", lab.addr(host));
         let metrics = metrics_of(&client, &url).await?;
         shoal.peer_bytes += crate::demo::fetched_from(&metrics, "Peer");
         shoal.seed_bytes += crate::demo::fetched_from(&metrics, "Seed");
         shoal.fallback_bytes += crate::demo::fetched_from(&metrics, "Registry");
+        beyond += crate::demo::uploads_beyond(&metrics);
         add(&mut answers, &metrics, "shoald_peer_answer_seconds");
         add(&mut peer_rtts, &metrics, "shoald_peer_rtt_seconds");
         add(
@@ -179,6 +181,7 @@ pub async fn scale_out(args: &ScaleOutArgs, image: &Image) -> anyhow::Result<Run
     shoal.peer_answer_s = mean(answers);
     shoal.peer_rtt_s = mean(peer_rtts);
     shoal.supernode_rtt_s = mean(supernode_rtts);
+    shoal.uploads_beyond_slots = args.upload_link_known.then_some(beyond);
     drop(procs);
 
     let mut baselines = BTreeMap::new();

@@ -116,6 +116,11 @@ pub fn fetched_from(metrics: &str, source: &str) -> u64 {
     )
 }
 
+/// Piece requests a node gave a place beyond its upload slots.
+pub fn uploads_beyond(metrics: &str) -> u64 {
+    sample(metrics, "shoald_uploads_given_total{place=\"Beyond\"}")
+}
+
 /// The sum and count of a histogram in a metrics text, e.g.
 /// `histogram(text, "shoald_peer_answer_seconds")`.
 pub fn histogram(metrics: &str, name: &str) -> (f64, u64) {

@@ -64,6 +64,10 @@ pub struct Outcome {
     /// seconds: measured by the nodes in netns mode, `--supernode-rtt-ms` in the sim.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub supernode_rtt_s: Option<f64>,
+    /// Pieces the nodes sent beyond their upload slots while their known link had room
+    /// (`--upload-link-known`; shoald's `--upload-link`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uploads_beyond_slots: Option<u64>,
     /// p50 and p99 over the lower bound (0 when there is no bound, on loopback).
     pub p50_over_bound: f64,
     pub p99_over_bound: f64,
@@ -221,6 +225,12 @@ impl Run {
                 "the round trip to the supernode was {:.1} ms on average (its seed's uploads \
                  share its link; `shoal sim --supernode-rtt-ms` models it)\n",
                 rtt * 1000.0
+            );
+        }
+        if let Some(beyond) = self.shoal.uploads_beyond_slots {
+            out += &format!(
+                "the nodes knew their link and sent {beyond} pieces beyond their upload slots \
+                 while it had room\n"
             );
         }
         if let Some(c) = &self.cross_check {

@@ -111,6 +111,12 @@ impl Flights {
         }
     }
 
+    /// Piece requests given an upload slot, and a place beyond the slots, so far (none
+    /// without a swarm).
+    pub fn uploads_given(&self) -> (u64, u64) {
+        self.swarm.as_ref().map_or((0, 0), |s| s.uploads_given())
+    }
+
     /// The flight under way for `digest`, if any.
     pub fn get(&self, digest: &BlobDigest) -> Option<Arc<Flight>> {
         self.map.get(digest).map(|f| f.clone())

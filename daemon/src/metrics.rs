@@ -52,6 +52,19 @@ struct SourceLabels {
     source: Source,
 }
 
+/// Where a piece request found its place: one of the upload slots, or beyond them while
+/// the node's known link had room.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+enum Place {
+    Slot,
+    Beyond,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PlaceLabels {
+    place: Place,
+}
+
 /// All of shoald's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -65,6 +78,9 @@ pub struct Metrics {
     peer_answer: Histogram,
     peer_rtt: Histogram,
     supernode_rtt: Histogram,
+    uploads_given: Family<PlaceLabels, Counter>,
+    /// Encodes one at a time: the upload counts are brought up to date then.
+    encoding: std::sync::Mutex<()>,
 }
 
 impl Default for Metrics {
@@ -81,6 +97,8 @@ impl Default for Metrics {
             peer_answer: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             peer_rtt: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             supernode_rtt: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            uploads_given: Family::default(),
+            encoding: Default::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -132,6 +150,12 @@ impl Default for Metrics {
              (the queues on the way included: its seed's uploads share its link)",
             m.supernode_rtt.clone(),
         );
+        r.register(
+            "uploads_given",
+            "Piece requests from peers given a place to upload: one of the upload slots, or \
+             beyond them while the node's link (--upload-link) had room",
+            m.uploads_given.clone(),
+        );
         m
     }
 }
@@ -175,10 +199,22 @@ impl Metrics {
         self.store_misses.inc();
     }
 
-    /// The text exposition, with the store size as of now.
-    pub fn encode(&self, store_bytes: u64) -> String {
+    /// The text exposition, with the store size and the upload places given (in the
+    /// slots, beyond them) as of now.
+    pub fn encode(&self, store_bytes: u64, uploads_given: (u64, u64)) -> String {
+        let _one = self
+            .encoding
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.store_bytes
             .set(i64::try_from(store_bytes).unwrap_or(i64::MAX));
+        for (place, given) in [
+            (Place::Slot, uploads_given.0),
+            (Place::Beyond, uploads_given.1),
+        ] {
+            let counter = self.uploads_given.get_or_create(&PlaceLabels { place });
+            counter.inc_by(given.saturating_sub(counter.get()));
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String");
@@ -200,13 +236,16 @@ mod tests {
         m.peer_answered(std::time::Duration::from_millis(3));
         m.supernode_round_trip(std::time::Duration::from_millis(100));
         m.peer_round_trip(std::time::Duration::from_millis(20));
-        let text = m.encode(1234);
+        m.encode(0, (3, 1));
+        let text = m.encode(1234, (5, 2));
         for line in [
             "shoald_requests_total{kind=\"Blob\",status=\"200\"} 1",
             "shoald_blob_bytes_served_total{source=\"Store\"} 42",
             "shoald_bytes_fetched_total{source=\"Registry\"} 7",
             "shoald_store_hits_total 1",
             "shoald_store_bytes 1234",
+            "shoald_uploads_given_total{place=\"Slot\"} 5",
+            "shoald_uploads_given_total{place=\"Beyond\"} 2",
             "shoald_peer_answer_seconds_count 1",
             "shoald_peer_answer_seconds_bucket{le=\"0.004\"} 1",
             "shoald_supernode_rtt_seconds_count 1",

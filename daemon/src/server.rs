@@ -160,7 +160,10 @@ pub async fn handle<B>(app: &App, req: Request<B>) -> Response<Body> {
     match (&method, path.as_str()) {
         (&Method::GET, "/healthz") => return Response::new(full("ok\n")),
         (&Method::GET, "/metrics") => {
-            return Response::new(full(app.metrics.encode(app.store.used())));
+            return Response::new(full(
+                app.metrics
+                    .encode(app.store.used(), app.flights.uploads_given()),
+            ));
         }
         _ => {}
     }

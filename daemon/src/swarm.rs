@@ -107,6 +107,11 @@ impl Swarm {
         self.uploads.now()
     }
 
+    /// Piece requests given an upload slot, and a place beyond the slots, so far.
+    pub fn uploads_given(&self) -> (u64, u64) {
+        self.uploads.given()
+    }
+
     /// A connection to `addr`, reused while it lives. A new connection to a supernode
     /// says hello before anyone else may use it: the supernode knows a node by its hello,
     /// and forgets it when that connection closes. Callers that waited for a failed

@@ -441,6 +441,7 @@ struct Sim {
     /// slots while its link has room.
     upload_link_known: bool,
     extra_uploads: Vec<u16>,
+    sent_beyond: u64,
     supernode_rtt: f64,
     /// Supernode answers on their way, in the order they arrive.
     offers: VecDeque<Offer>,
@@ -588,6 +589,7 @@ impl Sim {
             node_uploads: args.max_upload_peers,
             upload_link_known: args.upload_link_known,
             extra_uploads: vec![0; n],
+            sent_beyond: 0,
             supernode_rtt: args.supernode_rtt_ms / 1000.0,
             offers: VecDeque::new(),
             outbound: VecDeque::new(),
@@ -729,6 +731,7 @@ impl Sim {
             peer_answer_s: (self.rtt > 0.0).then_some(self.rtt),
             peer_rtt_s: (self.rtt > 0.0).then_some(self.rtt),
             supernode_rtt_s: (self.supernode_rtt > 0.0).then_some(self.supernode_rtt),
+            uploads_beyond_slots: self.upload_link_known.then_some(self.sent_beyond),
             ..Default::default()
         }
     }
@@ -1103,6 +1106,7 @@ impl Sim {
         };
         if extra {
             self.extra_uploads[from as usize] += 1;
+            self.sent_beyond += 1;
         } else if src != Src::Registry {
             self.uploads[from as usize] += 1;
         }
@@ -1558,6 +1562,8 @@ mod tests {
                      --max-upload-peers 1";
         let slots = sim(flags);
         let link = sim(&format!("{flags} --upload-link-known"));
+        assert_eq!(slots.shoal.uploads_beyond_slots, None);
+        assert!(link.shoal.uploads_beyond_slots.unwrap() > 0);
         for run in [&slots, &link] {
             assert_eq!(run.shoal.failures, 0, "{}", run.table());
             assert!(run.shoal.registry_egress_ratio <= 1.05, "{}", run.table());

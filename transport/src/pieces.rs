@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt as _;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -210,6 +210,9 @@ pub struct UploadLimits {
     /// Pieces beyond the slots, and what the link sends; only when the link is known.
     extra: tokio::sync::Semaphore,
     link: Option<Link>,
+    /// Requests given a slot, and a place beyond the slots, so far.
+    given: AtomicU64,
+    given_beyond: AtomicU64,
 }
 
 /// A node's upload link as its served connections' counters show it.
@@ -281,6 +284,8 @@ impl UploadLimits {
                 0
             }),
             link,
+            given: AtomicU64::new(0),
+            given_beyond: AtomicU64::new(0),
         })
     }
 
@@ -296,6 +301,7 @@ impl UploadLimits {
     /// waiting up to `wait` behind fewer than `slots` other requests; `None` means busy.
     pub async fn slot(&self, wait: Duration) -> Option<tokio::sync::SemaphorePermit<'_>> {
         if let Ok(permit) = self.slots.try_acquire() {
+            self.given.fetch_add(1, Ordering::Relaxed);
             return Some(permit);
         }
         if let Some(link) = &self.link
@@ -303,6 +309,7 @@ impl UploadLimits {
             && lock(&link.state).has_room(Instant::now(), link.capacity)
             && let Ok(permit) = self.extra.try_acquire()
         {
+            self.given_beyond.fetch_add(1, Ordering::Relaxed);
             return Some(permit);
         }
         let queued = self.waiting.fetch_add(1, Ordering::Relaxed);
@@ -310,10 +317,20 @@ impl UploadLimits {
         if queued >= self.total {
             return None;
         }
-        tokio::time::timeout(wait, self.slots.acquire())
+        let permit = tokio::time::timeout(wait, self.slots.acquire())
             .await
             .ok()?
-            .ok()
+            .ok()?;
+        self.given.fetch_add(1, Ordering::Relaxed);
+        Some(permit)
+    }
+
+    /// Piece requests given one of the slots, and a place beyond them, so far.
+    pub fn given(&self) -> (u64, u64) {
+        (
+            self.given.load(Ordering::Relaxed),
+            self.given_beyond.load(Ordering::Relaxed),
+        )
     }
 
     /// Pieces being sent now in the slots (not those beyond them), of at most how many.
@@ -547,6 +564,7 @@ mod tests {
         assert_eq!(limits.now().sending, 1, "the slots' count only");
         drop(second);
         assert!(limits.slot(wait).await.is_some(), "a place beyond freed");
+        assert_eq!(limits.given(), (1, 3));
         drop((first, third));
     }
 
