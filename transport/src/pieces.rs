@@ -289,11 +289,15 @@ impl UploadLimits {
         })
     }
 
-    /// Counts what `conn` sends toward the link's use (when the link is known).
+    /// Counts what `conn` sends toward the link's use (when the link is known). Closed
+    /// connections are let go here too, so that a node whose slots never fill does not
+    /// keep every connection it ever served.
     pub fn watch(&self, conn: &quinn::Connection) {
         if let Some(link) = &self.link {
+            let mut state = lock(&link.state);
+            state.count();
             let sent = conn.stats().udp_tx.bytes;
-            lock(&link.state).conns.push((conn.clone(), sent));
+            state.conns.push((conn.clone(), sent));
         }
     }
 
@@ -503,6 +507,16 @@ mod tests {
             fetch_piece(&conn, digest, PieceIndex(0), 5).await,
             Err(PieceError::Protocol(_))
         ));
+        // A closed connection is let go, and what it sent still counts.
+        conn.close(0u32.into(), b"done");
+        let watched = || lock(&limits.link.as_ref().unwrap().state).conns.len();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while watched() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let _ = limits.sent();
+        }
+        assert_eq!(watched(), 0, "the closed connection is let go");
+        assert!(limits.sent().unwrap() >= sent);
     }
 
     #[tokio::test(start_paused = true)]
