@@ -182,6 +182,12 @@ pub async fn scale_out(args: &ScaleOutArgs, image: &Image) -> anyhow::Result<Run
     shoal.peer_rtt_s = mean(peer_rtts);
     shoal.supernode_rtt_s = mean(supernode_rtts);
     shoal.uploads_beyond_slots = args.upload_link_known.then_some(beyond);
+    let mut answer_bytes = 0;
+    for s in 0..args.supernodes {
+        let url = format!("http://{}:{SUPERNODE_API_PORT}/metrics", lab.addr(1 + s));
+        answer_bytes += crate::demo::supernode_answer_bytes(&metrics_of(&client, &url).await?);
+    }
+    shoal.supernode_answer_bytes = Some(answer_bytes);
     drop(procs);
 
     let mut baselines = BTreeMap::new();

@@ -121,6 +121,11 @@ pub fn uploads_beyond(metrics: &str) -> u64 {
     sample(metrics, "shoald_uploads_given_total{place=\"Beyond\"}")
 }
 
+/// Bytes of answers a supernode sent to nodes' questions (its `/metrics`).
+pub fn supernode_answer_bytes(metrics: &str) -> u64 {
+    sample(metrics, "shoal_supernode_answer_bytes_total")
+}
+
 /// The sum and count of a histogram in a metrics text, e.g.
 /// `histogram(text, "shoald_peer_answer_seconds")`.
 pub fn histogram(metrics: &str, name: &str) -> (f64, u64) {

@@ -68,6 +68,14 @@ pub struct Outcome {
     /// (`--upload-link-known`; shoald's `--upload-link`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uploads_beyond_slots: Option<u64>,
+    /// Bytes of the supernodes' answers to the nodes' questions (control traffic on the
+    /// links their seeds send from): counted by the supernodes in netns mode, the encoded
+    /// size of every answer in the sim.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub supernode_answer_bytes: Option<u64>,
+    /// The most answer bytes one supernode sent in one second of the run (the sim).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub supernode_answer_peak_bytes_per_s: Option<u64>,
     /// p50 and p99 over the lower bound (0 when there is no bound, on loopback).
     pub p50_over_bound: f64,
     pub p99_over_bound: f64,
@@ -226,6 +234,27 @@ impl Run {
                  share its link; `shoal sim --supernode-rtt-ms` models it)\n",
                 rtt * 1000.0
             );
+        }
+        if let Some(bytes) = self.shoal.supernode_answer_bytes {
+            out += &format!(
+                "the supernodes answered the nodes' questions with {:.1} MiB ({:.0} KiB per node)",
+                bytes as f64 / f64::from(1 << 20),
+                bytes as f64 / 1024.0 / self.nodes.max(1) as f64
+            );
+            match (
+                self.shoal.supernode_answer_peak_bytes_per_s,
+                self.bandwidth_bytes_per_s,
+            ) {
+                (Some(peak), bw) if bw > 0 => {
+                    out += &format!(
+                        ", at most {:.1} MiB in one second from one supernode ({:.0}% of its \
+                         link, which its seed uses too; the model does not count them on it)\n",
+                        peak as f64 / f64::from(1 << 20),
+                        100.0 * peak as f64 / bw as f64
+                    )
+                }
+                _ => out += "\n",
+            }
         }
         if let Some(beyond) = self.shoal.uploads_beyond_slots {
             out += &format!(

@@ -124,7 +124,12 @@ fn eight_daemons_pull_one_blob_and_the_registry_sends_it_about_once() {
             from_peers += shoal::demo::fetched_from(&m, "Peer");
             from_seed += shoal::demo::fetched_from(&m, "Seed");
         }
-        println!("registry sent {sent} bytes for a {len}-byte blob; daemons got {from_peers} from peers, {from_seed} from the seed");
+        let m = client.get(format!("http://{}/metrics", sn.api_addr)).send().await.unwrap().text().await.unwrap();
+        let answers = shoal::demo::supernode_answer_bytes(&m);
+        println!("registry sent {sent} bytes for a {len}-byte blob; daemons got {from_peers} from peers, {from_seed} from the seed; the supernode answered with {answers} bytes");
+        // Every daemon asked at least once and got the blob's hashes: 32 bytes a piece.
+        let pieces = shoal_proto::PieceLayout::for_blob(len).unwrap().count() as u64;
+        assert!(answers >= 8 * 32 * pieces, "{answers} bytes of answers\n{m}");
         assert!(sent as f64 <= 1.05 * len as f64, "registry sent {sent} bytes for a {len}-byte blob");
         assert!(from_peers > 0, "no bytes came from peers");
         drop(sn);

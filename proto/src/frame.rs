@@ -24,10 +24,13 @@ pub enum FrameError {
     Truncated,
 }
 
+/// Bytes before each frame's body: its length.
+pub const HEADER_LEN: usize = 4;
+
 /// Encodes one message as a frame.
 pub fn encode<T: Serialize>(msg: &T) -> Bytes {
     let body = postcard::to_allocvec(msg).expect("shoal messages always serialize");
-    let mut out = BytesMut::with_capacity(4 + body.len());
+    let mut out = BytesMut::with_capacity(HEADER_LEN + body.len());
     out.put_u32(body.len() as u32);
     out.put_slice(&body);
     out.freeze()

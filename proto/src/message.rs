@@ -406,9 +406,79 @@ impl FromSupernode {
     }
 }
 
+/// The framed length of a `FromSupernode::Task` answer with `new_hashes` hashes and these
+/// parents, without building it (`shoal sim` counts its supernodes' answer bytes so).
+pub fn task_frame_len(
+    digest: BlobDigest,
+    layout: PieceLayout,
+    hashes_from: u32,
+    new_hashes: usize,
+    parents: &[Parent],
+) -> usize {
+    let empty = FromSupernode::Task {
+        digest,
+        layout,
+        hashes_from,
+        hashes: Vec::new(),
+        parents: Vec::new(),
+    };
+    // An empty list is one length byte; a longer one, its length's varint and its items.
+    let body = size(&empty) - 2
+        + varint_len(new_hashes)
+        + new_hashes * std::mem::size_of::<PieceHash>()
+        + size(parents);
+    crate::frame::HEADER_LEN + body
+}
+
+/// Bytes of postcard's varint of `n`.
+fn varint_len(n: usize) -> usize {
+    ((usize::BITS - n.leading_zeros()).max(1) as usize).div_ceil(7)
+}
+
+/// The postcard size of a value.
+fn size<T: Serialize + ?Sized>(value: &T) -> usize {
+    postcard::experimental::serialized_size(value).expect("shoal messages always serialize")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_task_s_length_is_known_without_building_it() {
+        let layout = PieceLayout::for_blob(1 << 30).unwrap();
+        let digest = BlobDigest::of(b"blob");
+        let parent = |n: u64, pieces: &[u32]| Parent {
+            node: NodeId(n),
+            addr: format!("10.0.{}.{}:65002", n % 256, (n >> 40) % 256)
+                .parse()
+                .unwrap(),
+            pieces: set(layout.count(), pieces),
+        };
+        for (from, new, parents) in [
+            (0, 0, vec![]),
+            (3, 1, vec![parent(1, &[0])]),
+            (
+                100,
+                200,
+                (0..8).map(|n| parent(n << 40, &[1, 500, 1023])).collect(),
+            ),
+        ] {
+            let task = FromSupernode::Task {
+                digest,
+                layout,
+                hashes_from: from,
+                hashes: vec![PieceHash([7; 32]); new],
+                parents: parents.clone(),
+            };
+            assert_eq!(
+                task_frame_len(digest, layout, from, new, &parents),
+                crate::frame::encode(&task).len(),
+                "{new} hashes, {} parents",
+                parents.len()
+            );
+        }
+    }
 
     #[test]
     fn piece_sets_check_their_size() {

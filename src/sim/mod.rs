@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng as _, SeedableRng as _};
 use rayon::prelude::*;
 use shoal_daemon::planner::{Failure, Planner, PlannerConfig, Request};
-use shoal_proto::message::{NodeId, Parent, Uploads};
+use shoal_proto::message::{NodeId, Parent, Uploads, task_frame_len};
 use shoal_proto::{BlobDigest, PieceIndex, PieceLayout};
 use shoal_supernode::{Scheduler, SchedulerConfig};
 use shoal_transport::link;
@@ -290,6 +290,8 @@ struct Pull {
     answer_at: Option<u64>,
     lost: bool,
     done: bool,
+    /// Hashes the supernode's answers have given this pull so far.
+    hashes_told: u32,
     /// What the planner asked for at the latest step, until the requests are sent.
     requests: Vec<Request>,
 }
@@ -442,6 +444,9 @@ struct Sim {
     upload_link_known: bool,
     extra_uploads: Vec<u16>,
     sent_beyond: u64,
+    /// Bytes of the supernodes' answers, in all and per (second of the run, supernode).
+    answer_bytes: u64,
+    answer_bytes_per_s: Vec<u64>,
     supernode_rtt: f64,
     /// Supernode answers on their way, in the order they arrive.
     offers: VecDeque<Offer>,
@@ -559,6 +564,7 @@ impl Sim {
                 answer_at: None,
                 lost: false,
                 done: false,
+                hashes_told: 0,
                 requests: Vec::new(),
             })
             .collect::<Vec<_>>();
@@ -590,6 +596,8 @@ impl Sim {
             upload_link_known: args.upload_link_known,
             extra_uploads: vec![0; n],
             sent_beyond: 0,
+            answer_bytes: 0,
+            answer_bytes_per_s: Vec::new(),
             supernode_rtt: args.supernode_rtt_ms / 1000.0,
             offers: VecDeque::new(),
             outbound: VecDeque::new(),
@@ -732,6 +740,8 @@ impl Sim {
             peer_rtt_s: (self.rtt > 0.0).then_some(self.rtt),
             supernode_rtt_s: (self.supernode_rtt > 0.0).then_some(self.supernode_rtt),
             uploads_beyond_slots: self.upload_link_known.then_some(self.sent_beyond),
+            supernode_answer_bytes: Some(self.answer_bytes),
+            supernode_answer_peak_bytes_per_s: self.answer_bytes_per_s.iter().max().copied(),
             ..Default::default()
         }
     }
@@ -865,6 +875,21 @@ impl Sim {
             .parents(now, id, &blob.digest)
             .unwrap_or_default();
         let hashes = sn.seeded.get(&blob_index).copied().unwrap_or(0);
+        let from = p.hashes_told.min(hashes);
+        p.hashes_told = hashes;
+        let len = task_frame_len(
+            blob.digest,
+            blob.layout,
+            from,
+            (hashes - from) as usize,
+            &parents,
+        ) as u64;
+        self.answer_bytes += len;
+        let slot = (t.max(0.0) as usize) * self.sns.len() + sn_index;
+        if self.answer_bytes_per_s.len() <= slot {
+            self.answer_bytes_per_s.resize(slot + 1, 0);
+        }
+        self.answer_bytes_per_s[slot] += len;
         match answer_at {
             Some(at) => self.offers.push_back(Offer {
                 at,

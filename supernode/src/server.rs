@@ -71,6 +71,8 @@ struct State {
     join_token: JoinToken,
     decisions: AtomicU64,
     seed_bytes: AtomicU64,
+    /// Bytes of answers sent to nodes (framed): control traffic on the link the seed uses.
+    answer_bytes: AtomicU64,
     /// Open connections per node: a connected node is alive even when it has nothing to
     /// say (e.g. it holds whole blobs and pulls nothing).
     connected: Mutex<HashMap<NodeId, usize>>,
@@ -114,6 +116,7 @@ impl Supernode {
             join_token: join_token.clone(),
             decisions: AtomicU64::new(0),
             seed_bytes: AtomicU64::new(0),
+            answer_bytes: AtomicU64::new(0),
             connected: Mutex::new(HashMap::new()),
         });
         {
@@ -338,9 +341,11 @@ async fn control(
         }
     };
     if let Some(reply) = reply {
-        send.write_all(&frame::encode(&reply))
-            .await
-            .map_err(|e| e.to_string())?;
+        let bytes = frame::encode(&reply);
+        state
+            .answer_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        send.write_all(&bytes).await.map_err(|e| e.to_string())?;
     }
     send.finish().map_err(|e| e.to_string())
 }
@@ -422,9 +427,12 @@ async fn api(state: &State, req: Request<hyper::body::Incoming>) -> Response<Ful
                     "# TYPE shoal_supernode_peers gauge\nshoal_supernode_peers {peers}\n\
                      # TYPE shoal_supernode_tasks gauge\nshoal_supernode_tasks {tasks}\n\
                      # TYPE shoal_supernode_decisions counter\nshoal_supernode_decisions_total {}\n\
-                     # TYPE shoal_supernode_seed_bytes counter\nshoal_supernode_seed_bytes_total {}\n",
+                     # TYPE shoal_supernode_seed_bytes counter\nshoal_supernode_seed_bytes_total {}\n\
+                     # HELP shoal_supernode_answer_bytes Bytes of answers sent to nodes' questions (framed)\n\
+                     # TYPE shoal_supernode_answer_bytes counter\nshoal_supernode_answer_bytes_total {}\n",
                     state.decisions.load(Ordering::Relaxed),
-                    state.seed_bytes.load(Ordering::Relaxed)
+                    state.seed_bytes.load(Ordering::Relaxed),
+                    state.answer_bytes.load(Ordering::Relaxed)
                 ),
             )
         }
