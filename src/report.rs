@@ -130,6 +130,10 @@ pub struct CrossCheck {
     /// (sim - real) / real, for p50 and for registry egress.
     pub p50_apart: f64,
     pub egress_apart: f64,
+    /// The same for the supernodes' answer bytes (not part of the agreement: the sim
+    /// does not put them on the supernode's link).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answer_bytes_apart: Option<f64>,
 }
 
 impl CrossCheck {
@@ -145,6 +149,10 @@ impl CrossCheck {
             sim_registry_egress_ratio: sim.registry_egress_ratio,
             p50_apart: apart(sim.p50_over_bound, real.p50_over_bound),
             egress_apart: apart(sim.registry_egress_ratio, real.registry_egress_ratio),
+            answer_bytes_apart: sim
+                .supernode_answer_bytes
+                .zip(real.supernode_answer_bytes)
+                .map(|(sim, real)| apart(sim as f64, real as f64)),
         }
     }
 
@@ -280,6 +288,12 @@ impl Run {
                      this machine is the limit (see docs/benchmarks.md)"
                 }
             );
+            if let Some(apart) = c.answer_bytes_apart {
+                out += &format!(
+                    "the supernodes' answers in the model: {:+.0}% of the bytes here\n",
+                    apart * 100.0
+                );
+            }
         }
         out
     }
@@ -537,6 +551,17 @@ mod tests {
         assert!(!far.agrees(), "{far:?}");
         let egress = CrossCheck::of("shoal sim".into(), &outcome(1.3, 1.9), &outcome(1.3, 1.0));
         assert!(!egress.agrees(), "registry egress counts too: {egress:?}");
+        assert_eq!(close.answer_bytes_apart, None, "no answer bytes counted");
+        let answers = |bytes| Outcome {
+            supernode_answer_bytes: Some(bytes),
+            ..outcome(1.3, 1.0)
+        };
+        let counted = CrossCheck::of("shoal sim".into(), &answers(1000), &answers(800));
+        assert_eq!(counted.answer_bytes_apart, Some(-0.2));
+        assert!(
+            counted.agrees(),
+            "answer bytes are not part of the agreement"
+        );
     }
 
     #[test]
