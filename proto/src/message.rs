@@ -17,8 +17,10 @@ use crate::piece::{PieceHash, PieceIndex, PieceLayout};
 
 /// The protocol version, as negotiated by ALPN. 3: blobs under 128 MiB have smaller pieces
 /// ([`PieceLayout::for_blob`]), and a node serves a complete blob by that layout. 4: a task
-/// carries only the hashes the node does not know yet ([`FromSupernode::Task`]).
-pub const ALPN: &[u8] = b"shoal/4";
+/// carries only the hashes the node does not know yet ([`FromSupernode::Task`]). 5: a piece
+/// set may travel as the gaps between its pieces ([`PieceSet`]), and a task's parents name
+/// only pieces the asker lacks.
+pub const ALPN: &[u8] = b"shoal/5";
 
 /// QUIC send priority of control streams, above piece streams (0) on the same connection.
 pub const CONTROL_PRIORITY: i32 = 1;
@@ -73,11 +75,86 @@ impl std::fmt::Debug for Origin {
     }
 }
 
-/// Which pieces of a blob a node holds: one bit per piece.
+/// Which pieces of a blob a node holds: one bit per piece. On the wire, the bits or the
+/// gaps between the pieces held, whichever is shorter ([`WireSet`]).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(into = "WireSet", try_from = "WireSet")]
 pub struct PieceSet {
     count: u32,
     bits: Vec<u8>,
+}
+
+/// A [`PieceSet`] as sent: one bit per piece (128 bytes for a 1 GiB blob), or, for a set
+/// of few pieces, each piece's distance from the one before (a byte or two each).
+#[derive(Serialize, Deserialize)]
+enum WireSet {
+    Bits { count: u32, bits: Vec<u8> },
+    Gaps { count: u32, gaps: Vec<u32> },
+}
+
+impl From<PieceSet> for WireSet {
+    fn from(set: PieceSet) -> Self {
+        let mut gaps = Vec::new();
+        let (mut last, mut gap_bytes) = (0, 0);
+        for piece in set.iter() {
+            let gap = if gaps.is_empty() {
+                piece.0
+            } else {
+                piece.0 - last
+            };
+            last = piece.0;
+            gap_bytes += varint_len(gap as usize);
+            if gap_bytes >= set.bits.len() {
+                break;
+            }
+            gaps.push(gap);
+        }
+        if gap_bytes >= set.bits.len() && !set.bits.is_empty() {
+            WireSet::Bits {
+                count: set.count,
+                bits: set.bits,
+            }
+        } else {
+            WireSet::Gaps {
+                count: set.count,
+                gaps,
+            }
+        }
+    }
+}
+
+impl TryFrom<WireSet> for PieceSet {
+    type Error = String;
+
+    fn try_from(wire: WireSet) -> Result<Self, String> {
+        match wire {
+            WireSet::Bits { count, bits } => Ok(PieceSet { count, bits }),
+            WireSet::Gaps { count, gaps } => {
+                if count > crate::piece::MAX_PIECES {
+                    return Err(format!(
+                        "a set of {count} pieces (at most {})",
+                        crate::piece::MAX_PIECES
+                    ));
+                }
+                if gaps.len() > count as usize {
+                    return Err(format!("{} pieces in a set of {count}", gaps.len()));
+                }
+                let mut set = PieceSet::empty(count);
+                let mut at: u64 = 0;
+                for (n, gap) in gaps.into_iter().enumerate() {
+                    if n > 0 && gap == 0 {
+                        return Err("a piece named twice in a set".into());
+                    }
+                    at += u64::from(gap);
+                    if at >= u64::from(count) {
+                        return Err(format!("piece {at} in a set of {count}"));
+                    }
+                    set.insert(PieceIndex(at as u32));
+                }
+                Ok(set)
+            }
+        }
+    }
 }
 
 impl PieceSet {
@@ -154,6 +231,17 @@ impl PieceSet {
             .map(|(a, b)| (word(a) & !word(b)).count_ones())
             .sum::<u32>()
             + tail
+    }
+
+    /// This set's pieces that `other` lacks (all of them when `other` is of another size).
+    pub fn without(&self, other: &PieceSet) -> PieceSet {
+        let mut out = self.clone();
+        if other.count == self.count {
+            for (a, b) in out.bits.iter_mut().zip(&other.bits) {
+                *a &= !b;
+            }
+        }
+        out
     }
 
     /// Removes a piece (indices past the end are ignored).
@@ -498,6 +586,66 @@ mod tests {
             "a bit past the last piece"
         );
         assert_eq!(PieceSet::full(10).iter().count(), 10);
+    }
+
+    #[test]
+    fn a_piece_set_travels_in_its_shorter_form() {
+        let encoded = |s: &PieceSet| postcard::to_allocvec(s).unwrap();
+        let back = |b: &[u8]| postcard::from_bytes::<PieceSet>(b);
+        for pieces in [
+            vec![],
+            vec![0],
+            vec![5, 6, 1023],
+            (0..1024).step_by(3).collect::<Vec<_>>(),
+            (0..1024).collect(),
+        ] {
+            let s = set(1024, &pieces);
+            let bytes = encoded(&s);
+            assert_eq!(back(&bytes).unwrap(), s, "{pieces:?}");
+            // Never longer than the bits and their header.
+            assert!(
+                bytes.len() <= 128 + 6,
+                "{} bytes for {pieces:?}",
+                bytes.len()
+            );
+        }
+        assert!(
+            encoded(&set(1024, &[5, 6, 1023])).len() < 12,
+            "few pieces: gaps"
+        );
+        let empty = encoded(&PieceSet::empty(0));
+        assert_eq!(back(&empty).unwrap(), PieceSet::empty(0));
+    }
+
+    #[test]
+    fn a_bad_set_of_gaps_is_refused() {
+        let gaps = |count: u32, gaps: Vec<u32>| {
+            let bytes = postcard::to_allocvec(&WireSet::Gaps { count, gaps }).unwrap();
+            postcard::from_bytes::<PieceSet>(&bytes)
+        };
+        assert!(gaps(10, vec![3, 4]).is_ok());
+        assert!(gaps(10, vec![3, 7]).is_err(), "piece 10 of 10");
+        assert!(gaps(10, vec![3, 0]).is_err(), "piece 3 twice");
+        assert!(
+            gaps(2, vec![0, 1, 1]).is_err(),
+            "more pieces than the set has"
+        );
+        assert!(
+            gaps(u32::MAX, vec![]).is_err(),
+            "no allocation of a huge set"
+        );
+        assert!(gaps(10, vec![u32::MAX, u32::MAX]).is_err(), "no overflow");
+    }
+
+    #[test]
+    fn without_leaves_out_the_other_set_s_pieces() {
+        let a = set(20, &[1, 2, 3, 19]);
+        assert_eq!(a.without(&set(20, &[2, 19])), set(20, &[1, 3]));
+        assert_eq!(
+            a.without(&set(8, &[1])),
+            a,
+            "another blob's set takes nothing"
+        );
     }
 
     fn set(count: u32, pieces: &[u32]) -> PieceSet {
