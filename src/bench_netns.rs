@@ -188,6 +188,7 @@ pub async fn scale_out(args: &ScaleOutArgs, image: &Image) -> anyhow::Result<Run
         answer_bytes += crate::demo::supernode_answer_bytes(&metrics_of(&client, &url).await?);
     }
     shoal.supernode_answer_bytes = Some(answer_bytes);
+    shoal.supernode_link_bytes_per_s = Some(bw);
     drop(procs);
 
     let mut baselines = BTreeMap::new();

@@ -76,6 +76,14 @@ pub struct Outcome {
     /// The most answer bytes one supernode sent in one second of the run (the sim).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub supernode_answer_peak_bytes_per_s: Option<u64>,
+    /// The longest an answer took to go out on its supernode's link (behind the answers
+    /// queued before it), in seconds (the sim: answers go out ahead of the seed's uploads,
+    /// which share the rest).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub supernode_answer_wait_s: Option<f64>,
+    /// Upload capacity of a supernode's host, shared by its answers and its seed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub supernode_link_bytes_per_s: Option<u64>,
     /// p50 and p99 over the lower bound (0 when there is no bound, on loopback).
     pub p50_over_bound: f64,
     pub p99_over_bound: f64,
@@ -130,8 +138,8 @@ pub struct CrossCheck {
     /// (sim - real) / real, for p50 and for registry egress.
     pub p50_apart: f64,
     pub egress_apart: f64,
-    /// The same for the supernodes' answer bytes (not part of the agreement: the sim
-    /// does not put them on the supernode's link).
+    /// The same for the supernodes' answer bytes (informational, not part of the
+    /// agreement: the real nodes ask more often when their run takes longer).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub answer_bytes_apart: Option<f64>,
 }
@@ -251,17 +259,26 @@ impl Run {
             );
             match (
                 self.shoal.supernode_answer_peak_bytes_per_s,
-                self.bandwidth_bytes_per_s,
+                self.shoal.supernode_link_bytes_per_s,
             ) {
-                (Some(peak), bw) if bw > 0 => {
+                (Some(peak), Some(link)) if link > 0 => {
                     out += &format!(
                         ", at most {:.1} MiB in one second from one supernode ({:.0}% of its \
-                         link, which its seed uses too; the model does not count them on it)\n",
+                         link; its seed's uploads share the rest)",
                         peak as f64 / f64::from(1 << 20),
-                        100.0 * peak as f64 / bw as f64
+                        100.0 * peak as f64 / link as f64
                     )
                 }
-                _ => out += "\n",
+                _ => {}
+            }
+            match self.shoal.supernode_answer_wait_s {
+                Some(wait) => {
+                    out += &format!(
+                        "; an answer took at most {:.1} ms to go out on that link\n",
+                        wait * 1000.0
+                    )
+                }
+                None => out += "\n",
             }
         }
         if let Some(beyond) = self.shoal.uploads_beyond_slots {

@@ -8,9 +8,11 @@
 //!   new pieces are announced every 20 ms and before each question (batched `Have`), with
 //!   how many of the node's upload slots are taken;
 //! - with `--supernode-rtt-ms`, questions and announcements reach the supernode half a
-//!   round trip after they are sent and answers come back after the other half (the
-//!   supernode's host shares its link with its seed); a node has one question out at a
-//!   time, as the daemon does;
+//!   round trip after they are sent and answers come back after the other half; a node
+//!   has one question out at a time, as the daemon does;
+//! - a supernode's answers (their encoded length) go out on its host's upload ahead of
+//!   its seed's uploads, which share what is left; an answer arrives once the answers
+//!   queued before it and itself are out (at once when that takes less than a step);
 //! - the first `Want` of a blob starts the seed: it fetches the blob from the registry
 //!   piece after piece and each piece is at once offered by the scheduler;
 //! - a request to a host whose upload slots are all taken waits there for one, behind
@@ -71,6 +73,10 @@ pub struct SimArgs {
     /// Supernodes (each with its seed); blobs are spread over them by rendezvous hashing
     #[arg(long, default_value_t = 1)]
     pub supernodes: usize,
+    /// Upload and download capacity of each supernode's host, which its answers to the
+    /// nodes and its seed's uploads share (default: --bandwidth)
+    #[arg(long, value_parser = parse_rate)]
+    pub supernode_bandwidth: Option<u64>,
     /// A published scenario; sets nodes, image, layers and bandwidth (so those flags cannot
     /// be given with it)
     #[arg(long, value_enum, conflicts_with_all = ["nodes", "image_size", "layers", "bandwidth"])]
@@ -110,8 +116,8 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 0.0)]
     pub rtt_ms: f64,
     /// Round trip to a supernode in milliseconds: its answer to a node's question comes
-    /// this long after the question, and a node has one question out at a time (the
-    /// supernode's host shares its link with its seed's uploads; 0 = instant)
+    /// this long after the question, and a node has one question out at a time (0 = no
+    /// delay but the answers' own queue on the supernode's link)
     #[arg(long, default_value_t = 0.0)]
     pub supernode_rtt_ms: f64,
     /// Pieces a node uploads at once, as shoald's --max-upload-peers (a seed: 8)
@@ -274,6 +280,9 @@ struct Supernode {
     alive: bool,
     /// Pieces the seed has of each blob it seeds.
     seeded: HashMap<u32, u32>,
+    /// Bytes of answers not yet sent: they go out ahead of the seed's uploads, which
+    /// share what is left of the host's upload.
+    queued: f64,
 }
 
 struct Pull {
@@ -448,8 +457,13 @@ struct Sim {
     answer_bytes: u64,
     answer_bytes_per_s: Vec<u64>,
     supernode_rtt: f64,
-    /// Supernode answers on their way, in the order they arrive.
-    offers: VecDeque<Offer>,
+    /// Upload capacity of a supernode's host (bytes per second).
+    supernode_up: f64,
+    /// The longest an answer has waited behind others on its supernode's link.
+    answer_wait: f64,
+    /// Supernode answers on their way, soonest first (and in the order sent).
+    offers: BinaryHeap<std::cmp::Reverse<Offer>>,
+    offers_sent: u64,
     /// Questions and announcements on their way to supernodes, in the order they arrive.
     outbound: VecDeque<Outbound>,
 }
@@ -468,10 +482,32 @@ struct Outbound {
 /// A supernode's answer on its way to a pull.
 struct Offer {
     at: u64,
+    /// Answers sent before this one (the order of answers due at the same tick).
+    seq: u64,
     pull: u32,
     sn: usize,
     hashes: u32,
     parents: Vec<Parent>,
+}
+
+impl PartialEq for Offer {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+
+impl Eq for Offer {}
+
+impl PartialOrd for Offer {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Offer {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
 }
 
 /// A piece request waiting at its parent for an upload slot.
@@ -490,7 +526,9 @@ impl Sim {
         let n = args.nodes;
         let bw = args.bandwidth as f64;
         let registry_bw = args.registry_bandwidth.unwrap_or(args.bandwidth) as f64;
-        let caps = std::iter::repeat_n((bw, bw), n + args.supernodes)
+        let sn_bw = args.supernode_bandwidth.unwrap_or(args.bandwidth) as f64;
+        let caps = std::iter::repeat_n((bw, bw), n)
+            .chain(std::iter::repeat_n((sn_bw, sn_bw), args.supernodes))
             .chain(std::iter::once((registry_bw, f64::INFINITY)));
         let net = Net::new(caps);
         let sn_addrs: Vec<SocketAddr> = (0..args.supernodes)
@@ -527,6 +565,7 @@ impl Sim {
                     scheduler,
                     alive: true,
                     seeded: HashMap::new(),
+                    queued: 0.0,
                 }
             })
             .collect();
@@ -599,7 +638,10 @@ impl Sim {
             answer_bytes: 0,
             answer_bytes_per_s: Vec::new(),
             supernode_rtt: args.supernode_rtt_ms / 1000.0,
-            offers: VecDeque::new(),
+            supernode_up: sn_bw,
+            answer_wait: 0.0,
+            offers: BinaryHeap::new(),
+            offers_sent: 0,
             outbound: VecDeque::new(),
         })
     }
@@ -705,6 +747,7 @@ impl Sim {
                 next_sample += sample_every;
             }
 
+            self.send_answers();
             let moved = self.net.step(self.step, self.registry, &mut done);
             self.bytes.registry += moved;
             t += self.step;
@@ -742,6 +785,8 @@ impl Sim {
             uploads_beyond_slots: self.upload_link_known.then_some(self.sent_beyond),
             supernode_answer_bytes: Some(self.answer_bytes),
             supernode_answer_peak_bytes_per_s: self.answer_bytes_per_s.iter().max().copied(),
+            supernode_answer_wait_s: Some(self.answer_wait),
+            supernode_link_bytes_per_s: Some(self.supernode_up as u64),
             ..Default::default()
         }
     }
@@ -890,14 +935,29 @@ impl Sim {
             self.answer_bytes_per_s.resize(slot + 1, 0);
         }
         self.answer_bytes_per_s[slot] += len;
-        match answer_at {
-            Some(at) => self.offers.push_back(Offer {
-                at,
-                pull,
-                sn: sn_index,
-                hashes,
-                parents,
-            }),
+        // The answer leaves once the answers queued before it and itself are sent.
+        let queued = &mut self.sns[sn_index].queued;
+        *queued += len as f64;
+        let queue = *queued / self.supernode_up;
+        self.answer_wait = self.answer_wait.max(queue);
+        let arrives = match answer_at {
+            Some(at) => Some(at + tick(queue)),
+            None if queue >= self.step => Some(tick(t + queue)),
+            None => None,
+        };
+        match arrives {
+            Some(at) => {
+                p.answer_at = Some(at);
+                self.offers.push(std::cmp::Reverse(Offer {
+                    at,
+                    seq: self.offers_sent,
+                    pull,
+                    sn: sn_index,
+                    hashes,
+                    parents,
+                }));
+                self.offers_sent += 1;
+            }
             None => p.planner.as_mut().expect("joined").offer(hashes, parents),
         }
         if start_seed {
@@ -921,11 +981,25 @@ impl Sim {
         }
     }
 
+    /// Each supernode's host sends its queued answers first in the next step; its seed's
+    /// uploads share what is left.
+    fn send_answers(&mut self) {
+        let most = self.supernode_up * self.step;
+        for k in 0..self.sns.len() {
+            let sn = &mut self.sns[k];
+            let sent = sn.queued.min(most);
+            if sent > 0.0 {
+                sn.queued -= sent;
+                self.net.hold(self.seed_host(k), sent / self.step);
+            }
+        }
+    }
+
     /// Supernode answers that arrive by `t` are handed to their pulls (an answer from a
     /// supernode that has died since, or that no longer serves the pull, is lost).
     fn offers_due(&mut self, t: f64) {
-        while self.offers.front().is_some_and(|o| o.at <= tick(t)) {
-            let o = self.offers.pop_front().expect("checked");
+        while self.offers.peek().is_some_and(|o| o.0.at <= tick(t)) {
+            let std::cmp::Reverse(o) = self.offers.pop().expect("checked");
             let p = &mut self.pulls[o.pull as usize];
             if p.sn != o.sn || !self.sns[o.sn].alive || p.answer_at != Some(o.at) {
                 continue;
@@ -1322,6 +1396,7 @@ impl Sim {
 
     fn supernode_dies(&mut self, t: f64, sn: usize) {
         self.sns[sn].alive = false;
+        self.sns[sn].queued = 0.0;
         let host = self.seed_host(sn);
         self.drop_waiting(t, host);
         for d in self.net.cut(host) {
@@ -1652,6 +1727,40 @@ mod tests {
             "{}\n{}",
             instant.table(),
             slow.table()
+        );
+    }
+
+    #[test]
+    fn a_supernodes_answers_and_its_seed_share_its_link() {
+        // 500 nodes of a 4 MiB blob in 64 pieces: every node needs the 64 hashes (2 KiB),
+        // and hungry nodes ask every 25 ms, from a supernode on a tenth of their link.
+        let flags = "--nodes 500 --image-size 4MiB --bandwidth 500mbit --baseline=";
+        let run = sim(&format!("{flags} --supernode-bandwidth 50mbit"));
+        let out = &run.shoal;
+        assert_eq!(out.failures, 0, "{}", run.table());
+        let link = 50e6 / 8.0;
+        assert_eq!(out.supernode_link_bytes_per_s, Some(link as u64));
+        let answers = out.supernode_answer_bytes.unwrap() as f64;
+        let wait = out.supernode_answer_wait_s.unwrap();
+        assert!(answers > 500.0 * 64.0 * 32.0, "{}", run.table());
+        assert!(wait > 0.0 && wait < 1.0, "{}", run.table());
+        // What the link sent by the end: every piece the seed uploaded and every answer
+        // but those still queued (at most `wait` of the link).
+        let sent = out.seed_bytes as f64 + answers - wait * link;
+        assert!(
+            sent <= 1.001 * link * out.completion_s.max,
+            "the seed and the answers sent {sent:.0} bytes, more than the link carries in \
+             {:.2} s\n{}",
+            out.completion_s.max,
+            run.table()
+        );
+        // On a link of its own (as fast as theirs), the answers leave the seed room.
+        let fast = sim(&format!("{flags} --supernode-bandwidth 500mbit"));
+        assert!(
+            fast.shoal.completion_s.p50 < 0.5 * out.completion_s.p50,
+            "{}\n{}",
+            fast.table(),
+            run.table()
         );
     }
 

@@ -7,6 +7,9 @@
 //! left at hosts whose flows were held back elsewhere is shared again among the flows
 //! that can still grow ([`FILL_ROUNDS`] rounds; the first alone would leave capacity
 //! unused wherever the two ends of a host's flows are unevenly loaded).
+//!
+//! Traffic that is not a flow (a supernode's answers) can hold part of a host's upload
+//! for a step ([`Net::hold`]); the flows share what is left.
 
 /// A host in the model.
 pub type Host = u32;
@@ -37,6 +40,8 @@ pub struct Net<T> {
     out: Vec<u32>,
     inc: Vec<u32>,
     flows: Vec<Flow<T>>,
+    /// Upload held for the next step by traffic outside the flows: (host, bytes per second).
+    held: Vec<(Host, f64)>,
     // Scratch space of `rates`, kept between steps.
     rate: Vec<f64>,
     grow: Vec<f64>,
@@ -59,6 +64,7 @@ impl<T: Copy> Net<T> {
             out: vec![0; n],
             inc: vec![0; n],
             flows: Vec::new(),
+            held: Vec::new(),
             rate: Vec::new(),
             grow: Vec::new(),
             open: Vec::new(),
@@ -83,6 +89,13 @@ impl<T: Copy> Net<T> {
     /// Bytes per second `host` sent in the last step.
     pub fn sending(&self, host: Host) -> f64 {
         self.up[host as usize] - self.rem_up[host as usize]
+    }
+
+    /// Holds `rate` bytes per second of `host`'s upload (at most all of it) for the next
+    /// step: the flows from `host` share what is left.
+    pub fn hold(&mut self, host: Host, rate: f64) {
+        self.held
+            .push((host, rate.clamp(0.0, self.up[host as usize])));
     }
 
     /// `host`'s upload capacity in bytes per second.
@@ -133,6 +146,9 @@ impl<T: Copy> Net<T> {
         self.open.clear();
         self.open.extend(0..n as u32);
         self.rem_up.copy_from_slice(&self.up);
+        for (host, rate) in self.held.drain(..) {
+            self.rem_up[host as usize] -= rate;
+        }
         self.rem_down.copy_from_slice(&self.down);
         self.n_up.copy_from_slice(&self.out);
         self.n_down.copy_from_slice(&self.inc);
@@ -267,6 +283,26 @@ mod tests {
         assert!((net.rate[0] - 30.0).abs() < 1e-6, "{:?}", net.rate);
         assert!((net.rate[1] - 70.0).abs() < 1e-6, "{:?}", net.rate);
         assert!((net.rate[2] - 30.0).abs() < 1e-6, "{:?}", net.rate);
+    }
+
+    #[test]
+    fn held_upload_is_taken_from_the_flows_for_one_step() {
+        let mut net = Net::new([(100.0, 100.0); 3]);
+        net.start(0, 1, 1000, 1);
+        net.start(0, 2, 1000, 2);
+        net.hold(0, 60.0);
+        net.rates();
+        assert_eq!(
+            net.rate,
+            vec![20.0, 20.0],
+            "the flows share what is not held"
+        );
+        assert_eq!(net.sending(0), 100.0, "held traffic is sent too");
+        net.rates();
+        assert_eq!(net.rate, vec![50.0, 50.0], "a hold lasts one step");
+        net.hold(0, 500.0);
+        net.rates();
+        assert_eq!(net.rate, vec![0.0, 0.0], "at most the whole upload is held");
     }
 
     #[test]
