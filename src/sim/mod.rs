@@ -344,8 +344,16 @@ struct Bytes {
     registry: f64,
 }
 
+/// Set in every id: real ids are random 64-bit numbers, 9 or 10 bytes as varints in an
+/// answer, and so are these (small ids would make the answers shorter than real ones).
+const ID_HIGH: u64 = 1 << 63;
+
 fn node_id(i: u32) -> NodeId {
-    NodeId(u64::from(i) + 1)
+    NodeId(ID_HIGH | (u64::from(i) + 1))
+}
+
+fn seed_id(sn: usize) -> NodeId {
+    NodeId(ID_HIGH | (SEED_ID_BASE + sn as u64))
 }
 
 fn addr_of(i: u64) -> SocketAddr {
@@ -532,7 +540,7 @@ impl Sim {
             .chain(std::iter::once((registry_bw, f64::INFINITY)));
         let net = Net::new(caps);
         let sn_addrs: Vec<SocketAddr> = (0..args.supernodes)
-            .map(|k| addr_of(SEED_ID_BASE + k as u64))
+            .map(|k| addr_of(seed_id(k).0))
             .collect();
         let per_layer = args.image_size / args.layers as u64;
         let blobs = (0..args.layers)
@@ -558,7 +566,7 @@ impl Sim {
         let sns = (0..args.supernodes)
             .map(|k| {
                 let mut scheduler = Scheduler::new(SchedulerConfig::default());
-                let seed = NodeId(SEED_ID_BASE + k as u64);
+                let seed = seed_id(k);
                 scheduler.add_seed(seed);
                 let _ = scheduler.hello(base, seed, String::new(), addr_of(seed.0));
                 Supernode {
@@ -898,7 +906,7 @@ impl Sim {
         if !p.asked {
             p.asked = true;
             if sn.scheduler.want(now, id, blob.digest, blob.layout) == Ok(true) {
-                let seed = NodeId(SEED_ID_BASE + sn_index as u64);
+                let seed = seed_id(sn_index);
                 let _ = sn.scheduler.want(now, seed, blob.digest, blob.layout);
                 sn.seeded.insert(blob_index, 0);
                 start_seed = true;
@@ -1097,11 +1105,12 @@ impl Sim {
         let (piece, from, src) = match request {
             Request::Registry { piece } => (piece, self.registry, Src::Registry),
             Request::Peer { parent, piece } => {
-                let (host, src, gone) = if parent.0 >= SEED_ID_BASE {
-                    let sn = (parent.0 - SEED_ID_BASE) as usize;
+                let id = parent.0 & !ID_HIGH;
+                let (host, src, gone) = if id >= SEED_ID_BASE {
+                    let sn = (id - SEED_ID_BASE) as usize;
                     (self.seed_host(sn), Src::Seed, !self.sns[sn].alive)
                 } else {
-                    let host = (parent.0 - 1) as Host;
+                    let host = (id - 1) as Host;
                     (host, Src::Peer, self.left[host as usize])
                 };
                 if gone {
@@ -1312,7 +1321,7 @@ impl Sim {
                     return None;
                 }
                 let digest = self.blobs[blob as usize].digest;
-                let seed = NodeId(SEED_ID_BASE + sn as u64);
+                let seed = seed_id(sn);
                 let s = &mut self.sns[sn];
                 let _ = s.scheduler.have(now, seed, &digest, &[PieceIndex(piece)]);
                 s.seeded.insert(blob, piece + 1);
@@ -1402,7 +1411,7 @@ impl Sim {
         for d in self.net.cut(host) {
             self.cut_flow(t, d);
         }
-        let seed = NodeId(SEED_ID_BASE + sn as u64);
+        let seed = seed_id(sn);
         for pull in 0..self.pulls.len() {
             let p = &mut self.pulls[pull];
             if p.sn != sn || p.done {
