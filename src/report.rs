@@ -73,6 +73,9 @@ pub struct Outcome {
     /// size of every answer in the sim.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub supernode_answer_bytes: Option<u64>,
+    /// Answers the supernodes sent (the sim).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub supernode_answers: Option<u64>,
     /// The most answer bytes one supernode sent in one second of the run (the sim).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub supernode_answer_peak_bytes_per_s: Option<u64>,

@@ -25,11 +25,11 @@ use crate::seed::{Seed, SeedState};
 use crate::{Scheduler, SchedulerConfig};
 
 /// Longest a `Want` is held while the seed has no hashes beyond what the node knows.
-const HOLD_WANT: Duration = Duration::from_millis(200);
+pub const HOLD_WANT: Duration = Duration::from_millis(200);
 /// How long more hashes are gathered once a held `Want` has new ones: a small blob's
 /// hashes then come in one answer (`shoal bench swarm`, a 1 MiB blob in 16 pieces: +38 ms
 /// over a direct GET without it, each further hash waiting for the node's next question).
-const GATHER_HASHES: Duration = Duration::from_millis(10);
+pub const GATHER_HASHES: Duration = Duration::from_millis(10);
 /// Pieces the seed sends at once: few, so that each is whole soon and its receiver can pass
 /// it on (`shoal sim`: 64 here let a piece take 64 piece-times to arrive).
 const SEED_UPLOADS: usize = 8;
