@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use shoal_proto::frame::{FrameDecoder, MAX_FRAME, encode};
-use shoal_proto::message::{FromSupernode, NodeId, Parent, PieceSet};
+use shoal_proto::message::{FromSupernode, NodeId, Parent, PieceSet, Task};
 use shoal_proto::{BlobDigest, PieceHash, PieceIndex, PieceLayout};
 use shoal_supernode::{Scheduler, SchedulerConfig};
 
@@ -113,13 +113,11 @@ fn task() -> FromSupernode {
             pieces: PieceSet::full(layout.count()),
         })
         .collect();
-    FromSupernode::Task {
-        digest: BlobDigest::of(b"blob"),
-        layout,
+    FromSupernode::Task(Task {
         hashes_from: 0,
         hashes,
         parents,
-    }
+    })
 }
 
 fn framing(c: &mut Criterion) {

@@ -8,9 +8,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use http::{HeaderValue, Method, StatusCode};
 use sha2::{Digest as _, Sha256};
-use shoal_proto::message::{FromSupernode, NodeId, Origin, PieceSet, ToSupernode};
+use shoal_proto::message::{FromSupernode, NodeId, Origin, PieceSet, Task, ToSupernode};
 use shoal_proto::{BlobDigest, PieceHash, PieceIndex, PieceLayout};
 use shoal_registry_proxy::Upstream;
 use shoal_transport::pieces::{Piece, PieceError, fetch_piece};
@@ -94,20 +95,20 @@ impl P2pFetch<'_> {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
         };
+        // The supernode cuts the blob the same way: answers carry no layout.
+        let layout = PieceLayout::for_blob(req.len)?;
         let (mut supernode, reply) = self.swarm.want(req.digest, req.len, &origin).await?;
         self.note_round_trip(supernode);
-        let (layout, hashes_from, more, parents) = match reply {
-            FromSupernode::Task {
-                layout,
-                hashes_from,
-                hashes,
-                parents,
-                ..
-            } if layout.blob_len() == req.len => (layout, hashes_from, hashes, parents),
-            FromSupernode::Task { .. } => {
-                anyhow::bail!("supernode's layout does not match the blob's length")
+        let Task {
+            hashes_from,
+            hashes: more,
+            parents,
+        } = match checked(Some(reply), layout)? {
+            Some(FromSupernode::Task(task)) => task,
+            Some(FromSupernode::Refused { reason }) => {
+                anyhow::bail!("supernode refused: {reason}")
             }
-            FromSupernode::Refused { reason, .. } => anyhow::bail!("supernode refused: {reason}"),
+            None => anyhow::bail!("supernode sent no task"),
         };
         let now = Instant::now();
         let mut hashes = Vec::new();
@@ -258,8 +259,9 @@ impl P2pFetch<'_> {
                 }
                 answer = async { asking.as_mut().expect("guarded").await }, if asking.is_some() => {
                     asking = None;
-                    match answer.unwrap_or_else(|e| Err(e.into())) {
-                        Ok(Some(FromSupernode::Task { hashes_from, hashes: more, parents, .. })) => {
+                    let answer = answer.unwrap_or_else(|e| Err(e.into()));
+                    match answer.and_then(|a| checked(a, layout)) {
+                        Ok(Some(FromSupernode::Task(Task { hashes_from, hashes: more, parents }))) => {
                             self.note_round_trip(supernode);
                             supernode_lost = false;
                             supernode_failures = 0;
@@ -274,7 +276,7 @@ impl P2pFetch<'_> {
                             addrs.extend(parents.iter().map(|p| (p.node, p.addr)));
                             planner.offer(parents);
                         }
-                        Ok(Some(FromSupernode::Refused { reason, .. })) => {
+                        Ok(Some(FromSupernode::Refused { reason })) => {
                             tracing::warn!(digest = %req.digest, %reason, "supernode gave up on the blob; the rest comes from the registry");
                             planner.registry_only();
                         }
@@ -487,6 +489,20 @@ fn extend_hashes(known: &mut Vec<PieceHash>, from: u32, more: Vec<PieceHash>, co
     true
 }
 
+/// The supernode's answer, refused when its task does not fit the blob's layout (hashes
+/// past the last piece, piece sets of another size): a supernode that sends such answers
+/// is counted as failing, like one that does not answer.
+fn checked(
+    answer: Option<FromSupernode>,
+    layout: PieceLayout,
+) -> anyhow::Result<Option<FromSupernode>> {
+    if let Some(FromSupernode::Task(task)) = &answer {
+        task.validate(layout)
+            .context("the supernode's answer does not fit the blob")?;
+    }
+    Ok(answer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -508,5 +524,29 @@ mod tests {
         assert_eq!(known.len(), 3);
         assert!(extend_hashes(&mut known, 3, vec![h(3), h(4)], 5));
         assert_eq!(known.len(), 5);
+    }
+
+    #[test]
+    fn an_answer_that_does_not_fit_the_blob_is_refused() {
+        let layout = PieceLayout::for_blob(3 << 20).unwrap();
+        let task = |hashes_from, n| {
+            Some(FromSupernode::Task(Task {
+                hashes_from,
+                hashes: vec![PieceHash([1; 32]); n],
+                parents: Vec::new(),
+            }))
+        };
+        let count = layout.count() as usize;
+        assert!(checked(task(0, count), layout).is_ok());
+        let err = checked(task(1, count), layout).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("does not fit the blob"),
+            "{err:#}"
+        );
+        let refused = Some(FromSupernode::Refused {
+            reason: "registry said 401".into(),
+        });
+        assert!(checked(refused, layout).is_ok());
+        assert!(checked(None, layout).unwrap().is_none());
     }
 }

@@ -19,8 +19,9 @@ use crate::piece::{PieceHash, PieceIndex, PieceLayout};
 /// ([`PieceLayout::for_blob`]), and a node serves a complete blob by that layout. 4: a task
 /// carries only the hashes the node does not know yet ([`FromSupernode::Task`]). 5: a piece
 /// set may travel as the gaps between its pieces ([`PieceSet`]), and a task's parents name
-/// only pieces the asker lacks.
-pub const ALPN: &[u8] = b"shoal/5";
+/// only pieces the asker lacks. 6: an answer leaves out the blob's digest and layout (the
+/// node knows them from its `Want`: the layout follows from the length, [`Task`]).
+pub const ALPN: &[u8] = b"shoal/6";
 
 /// QUIC send priority of control streams, above piece streams (0) on the same connection.
 pub const CONTROL_PRIORITY: i32 = 1;
@@ -375,22 +376,31 @@ pub enum ToSupernode {
     Holding { digest: BlobDigest, len: u64 },
 }
 
-/// From a supernode to a daemon.
+/// From a supernode to a daemon: the answer to a `Want`, on the stream that carried it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FromSupernode {
-    /// A blob's layout, the hashes of its pieces `hashes_from..hashes_from + hashes.len()`
-    /// (the seed publishes them in order as they stream in; a node is sent those beyond the
-    /// `known_hashes` of its `Want`, so that a swarm asking every few milliseconds does not
-    /// fill the supernode's link with hashes it has), and parents for pieces the node lacks.
-    Task {
-        digest: BlobDigest,
-        layout: PieceLayout,
-        hashes_from: u32,
-        hashes: Vec<PieceHash>,
-        parents: Vec<Parent>,
-    },
+    Task(Task),
     /// The supernode cannot schedule this blob (e.g. the registry refused the seed).
-    Refused { digest: BlobDigest, reason: String },
+    Refused {
+        reason: String,
+    },
+}
+
+/// The hashes of a blob's pieces `hashes_from..hashes_from + hashes.len()` (the seed
+/// publishes them in order as they stream in; a node is sent those beyond the
+/// `known_hashes` of its `Want`, so that a swarm asking every few milliseconds does not
+/// fill the supernode's link with hashes it has), and parents for pieces the node lacks.
+///
+/// Neither the blob's digest nor its layout travel: the node named the digest and length
+/// in its `Want` on the same stream, and the layout is [`PieceLayout::for_blob`] of that
+/// length (at 10,000 nodes asking every few tens of milliseconds, those 41 bytes were a
+/// tenth of what the supernode's link carried for answers). Check a task against the
+/// layout with [`Task::validate`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub hashes_from: u32,
+    pub hashes: Vec<PieceHash>,
+    pub parents: Vec<Parent>,
 }
 
 /// From a daemon to a peer, on a fresh stream.
@@ -466,50 +476,51 @@ impl ToSupernode {
 }
 
 impl FromSupernode {
+    /// Checks what can be checked without the blob's layout (a task's lists against the
+    /// protocol's limits); a task is checked against the layout with [`Task::validate`].
     pub fn validate(&self) -> Result<(), InvalidMessage> {
         match self {
-            Self::Task {
-                layout,
-                hashes_from,
-                hashes,
-                parents,
-                ..
-            } => {
-                let count = layout.count();
-                if hashes.len() as u64 + u64::from(*hashes_from) > u64::from(count) {
-                    return Err(InvalidMessage::TooManyHashes {
-                        hashes: hashes.len(),
-                        from: *hashes_from,
-                        count,
-                    });
-                }
-                limit("parents", parents.len(), MAX_PARENTS)?;
-                match parents.iter().find(|p| !p.pieces.fits(count)) {
-                    Some(_) => Err(InvalidMessage::PieceSetMismatch { count }),
-                    None => Ok(()),
-                }
+            Self::Task(task) => {
+                limit(
+                    "hashes",
+                    task.hashes.len(),
+                    crate::piece::MAX_PIECES as usize,
+                )?;
+                limit("parents", task.parents.len(), MAX_PARENTS)
             }
-            Self::Refused { reason, .. } => limit("reason", reason.len(), 4096),
+            Self::Refused { reason } => limit("reason", reason.len(), 4096),
+        }
+    }
+}
+
+impl Task {
+    /// Checks the task against the layout of the blob it answers for: hashes past the last
+    /// piece, and piece sets of another size, are refused.
+    pub fn validate(&self, layout: PieceLayout) -> Result<(), InvalidMessage> {
+        let count = layout.count();
+        let (hashes, from) = (self.hashes.len(), self.hashes_from);
+        if hashes as u64 + u64::from(from) > u64::from(count) {
+            return Err(InvalidMessage::TooManyHashes {
+                hashes,
+                from,
+                count,
+            });
+        }
+        limit("parents", self.parents.len(), MAX_PARENTS)?;
+        match self.parents.iter().find(|p| !p.pieces.fits(count)) {
+            Some(_) => Err(InvalidMessage::PieceSetMismatch { count }),
+            None => Ok(()),
         }
     }
 }
 
 /// The framed length of a `FromSupernode::Task` answer with `new_hashes` hashes and these
 /// parents, without building it (`shoal sim` counts its supernodes' answer bytes so).
-pub fn task_frame_len(
-    digest: BlobDigest,
-    layout: PieceLayout,
-    hashes_from: u32,
-    new_hashes: usize,
-    parents: &[Parent],
-) -> usize {
-    let empty = FromSupernode::Task {
-        digest,
-        layout,
+pub fn task_frame_len(hashes_from: u32, new_hashes: usize, parents: &[Parent]) -> usize {
+    let empty = FromSupernode::Task(Task {
         hashes_from,
-        hashes: Vec::new(),
-        parents: Vec::new(),
-    };
+        ..Task::default()
+    });
     // An empty list is one length byte; a longer one, its length's varint and its items.
     let body = size(&empty) - 2
         + varint_len(new_hashes)
@@ -535,7 +546,6 @@ mod tests {
     #[test]
     fn a_task_s_length_is_known_without_building_it() {
         let layout = PieceLayout::for_blob(1 << 30).unwrap();
-        let digest = BlobDigest::of(b"blob");
         let parent = |n: u64, pieces: &[u32]| Parent {
             node: NodeId(n),
             addr: format!("10.0.{}.{}:65002", n % 256, (n >> 40) % 256)
@@ -552,15 +562,13 @@ mod tests {
                 (0..8).map(|n| parent(n << 40, &[1, 500, 1023])).collect(),
             ),
         ] {
-            let task = FromSupernode::Task {
-                digest,
-                layout,
+            let task = FromSupernode::Task(Task {
                 hashes_from: from,
                 hashes: vec![PieceHash([7; 32]); new],
                 parents: parents.clone(),
-            };
+            });
             assert_eq!(
-                task_frame_len(digest, layout, from, new, &parents),
+                task_frame_len(from, new, &parents),
                 crate::frame::encode(&task).len(),
                 "{new} hashes, {} parents",
                 parents.len()
@@ -703,51 +711,57 @@ mod tests {
     #[test]
     fn tasks_are_checked_against_their_layout() {
         let layout = PieceLayout::new(3 << 20, crate::piece::PIECE_SIZE).unwrap();
-        let digest = BlobDigest::of(b"x");
         let parent = |pieces| Parent {
             node: NodeId(1),
             addr: "127.0.0.1:1".parse().unwrap(),
             pieces,
         };
-        let ok = FromSupernode::Task {
-            digest,
-            layout,
+        let ok = Task {
             hashes_from: 0,
             hashes: vec![PieceHash::of(b"a")],
             parents: vec![parent(PieceSet::empty(3))],
         };
-        assert!(ok.validate().is_ok());
-        let tail = FromSupernode::Task {
-            digest,
-            layout,
+        assert!(ok.validate(layout).is_ok());
+        assert!(FromSupernode::Task(ok).validate().is_ok());
+        let tail = Task {
             hashes_from: 1,
             hashes: vec![PieceHash::of(b"b"); 2],
             parents: vec![],
         };
-        assert!(tail.validate().is_ok());
+        assert!(tail.validate(layout).is_ok());
         for (from, n) in [(0, 4), (2, 2), (u32::MAX, 1)] {
-            let bad = FromSupernode::Task {
-                digest,
-                layout,
+            let bad = Task {
                 hashes_from: from,
                 hashes: vec![PieceHash::of(b"a"); n],
                 parents: vec![],
             };
             assert!(
-                matches!(bad.validate(), Err(InvalidMessage::TooManyHashes { .. })),
+                matches!(
+                    bad.validate(layout),
+                    Err(InvalidMessage::TooManyHashes { .. })
+                ),
                 "{from} + {n}"
             );
         }
-        let bad = FromSupernode::Task {
-            digest,
-            layout,
+        let bad = Task {
             hashes_from: 0,
             hashes: vec![],
             parents: vec![parent(PieceSet::empty(100))],
         };
         assert!(matches!(
-            bad.validate(),
+            bad.validate(layout),
             Err(InvalidMessage::PieceSetMismatch { .. })
+        ));
+        let crowded = FromSupernode::Task(Task {
+            parents: vec![parent(PieceSet::empty(3)); MAX_PARENTS + 1],
+            ..Task::default()
+        });
+        assert!(matches!(
+            crowded.validate(),
+            Err(InvalidMessage::TooLong {
+                field: "parents",
+                ..
+            })
         ));
     }
 }

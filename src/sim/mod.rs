@@ -986,13 +986,7 @@ impl Sim {
         let hashes = sn.seeded.get(&blob_index).copied().unwrap_or(0);
         let from = p.hashes_told.min(hashes);
         p.hashes_told = hashes;
-        let len = task_frame_len(
-            blob.digest,
-            blob.layout,
-            from,
-            (hashes - from) as usize,
-            &parents,
-        ) as u64;
+        let len = task_frame_len(from, (hashes - from) as usize, &parents) as u64;
         self.answer_bytes += len;
         self.answers_sent += 1;
         let slot = (t.max(0.0) as usize) * self.sns.len() + sn_index;

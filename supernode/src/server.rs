@@ -15,7 +15,9 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
 use shoal_proto::frame::{self, FrameDecoder, MAX_FRAME};
-use shoal_proto::message::{CONTROL_PRIORITY, FromSupernode, NodeId, StreamKind, ToSupernode};
+use shoal_proto::message::{
+    CONTROL_PRIORITY, FromSupernode, NodeId, StreamKind, Task, ToSupernode,
+};
 use shoal_proto::{PieceIndex, PieceLayout};
 use shoal_registry_proxy::{Upstream, UpstreamConfig};
 use shoal_transport::pieces::{PieceLookup, answer_piece, stream_kind};
@@ -359,7 +361,7 @@ async fn want(
     origin: &shoal_proto::message::Origin,
     known_hashes: u32,
 ) -> FromSupernode {
-    let refused = |reason: String| FromSupernode::Refused { digest, reason };
+    let refused = |reason: String| FromSupernode::Refused { reason };
     let layout = match PieceLayout::for_blob(len) {
         Ok(l) => l,
         Err(e) => return refused(e.to_string()),
@@ -386,13 +388,11 @@ async fn want(
     // Only the hashes the node lacks: the rest would be resent with every question.
     let from = (known_hashes as usize).min(progress.hashes.len());
     let mut hashes = progress.hashes;
-    FromSupernode::Task {
-        digest,
-        layout,
+    FromSupernode::Task(Task {
         hashes_from: from as u32,
         hashes: hashes.split_off(from),
         parents,
-    }
+    })
 }
 
 async fn serve_api(listener: tokio::net::TcpListener, state: Arc<State>) {
