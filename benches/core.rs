@@ -108,7 +108,6 @@ fn task() -> FromSupernode {
         .collect();
     let parents = (0..4)
         .map(|n| Parent {
-            node: NodeId(n),
             addr: ([10, 0, 0, n as u8], 7000).into(),
             pieces: PieceSet::full(layout.count()),
         })

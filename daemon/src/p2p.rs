@@ -3,7 +3,6 @@
 //! they become contiguous. The [`Planner`] decides; this driver moves bytes. Pieces no peer
 //! can give (or all of them, when progress stalls) come from the registry.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use http::{HeaderValue, Method, StatusCode};
 use sha2::{Digest as _, Sha256};
-use shoal_proto::message::{FromSupernode, NodeId, Origin, PieceSet, Task, ToSupernode};
+use shoal_proto::message::{FromSupernode, Origin, PieceSet, Task, ToSupernode};
 use shoal_proto::{BlobDigest, PieceHash, PieceIndex, PieceLayout};
 use shoal_registry_proxy::Upstream;
 use shoal_transport::pieces::{Piece, PieceError, fetch_piece};
@@ -76,7 +75,7 @@ struct PieceResult {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum From {
-    Peer(NodeId, SocketAddr),
+    Peer(SocketAddr),
     Registry,
 }
 
@@ -114,8 +113,6 @@ impl P2pFetch<'_> {
         let mut hashes = Vec::new();
         extend_hashes(&mut hashes, hashes_from, more, layout.count());
         let mut planner = Planner::new(PlannerConfig::default(), layout, self.swarm.me, now);
-        let mut addrs: HashMap<NodeId, SocketAddr> =
-            parents.iter().map(|p| (p.node, p.addr)).collect();
         planner.hashes_known(hashes.len() as u32);
         planner.offer(parents);
         *self.lock_pieces() = Some((layout, PieceSet::empty(layout.count())));
@@ -150,7 +147,7 @@ impl P2pFetch<'_> {
                     tracing::warn!(digest = %req.digest, piece = piece.0, have = planner.have().iter().count(),
                         "the swarm is too slow for this blob: pieces come from the registry");
                 }
-                self.spawn(&mut jobs, request, &addrs, layout);
+                self.spawn(&mut jobs, request, layout);
             }
             if planner.is_complete() {
                 break;
@@ -162,7 +159,7 @@ impl P2pFetch<'_> {
                     let now = Instant::now();
                     if let Some(after) = done.answered_in {
                         self.metrics.peer_answered(after);
-                        if let From::Peer(_, addr) = done.from
+                        if let From::Peer(addr) = done.from
                             && let Some(rtt) = self.swarm.round_trip(addr)
                         {
                             self.metrics.peer_round_trip(rtt);
@@ -184,12 +181,12 @@ impl P2pFetch<'_> {
                         }
                     };
                     let hash = hashes.get(done.piece.0 as usize);
-                    if let (Some(hash), From::Peer(node, _)) = (hash, done.from)
+                    if let (Some(hash), From::Peer(peer)) = (hash, done.from)
                         && !hash.matches_chunks(&bytes.chunks)
                     {
-                        tracing::warn!(node = node.0, piece = done.piece.0, digest = %req.digest, "peer sent a bad piece; dropped and reported");
+                        tracing::warn!(%peer, piece = done.piece.0, digest = %req.digest, "peer sent a bad piece; dropped and reported");
                         planner.failed(now, done.piece, Failure::BadData);
-                        self.swarm.notify(supernode, ToSupernode::BadPiece { digest: req.digest, peer: node, piece: done.piece });
+                        self.swarm.notify(supernode, ToSupernode::BadPiece { digest: req.digest, peer, piece: done.piece });
                         continue;
                     }
                     let offset = layout.range(done.piece).map_err(anyhow::Error::from)?.start;
@@ -212,7 +209,7 @@ impl P2pFetch<'_> {
                         Err(e) => return Ok(Verdict::Interrupted(format!("store write: {e}"))),
                     }
                     let source = match done.from {
-                        From::Peer(_, addr) if addr == supernode => Source::Seed,
+                        From::Peer(addr) if addr == supernode => Source::Seed,
                         From::Peer(..) => Source::Peer,
                         From::Registry => Source::Registry,
                     };
@@ -273,7 +270,6 @@ impl P2pFetch<'_> {
                                 let checked = planner.have().iter().filter(|p| (p.0 as usize) < hashes.len());
                                 self.announce(supernode, checked.collect());
                             }
-                            addrs.extend(parents.iter().map(|p| (p.node, p.addr)));
                             planner.offer(parents);
                         }
                         Ok(Some(FromSupernode::Refused { reason })) => {
@@ -288,9 +284,7 @@ impl P2pFetch<'_> {
                         Err(e) => {
                             self.swarm.forget(supernode);
                             // The supernode was also the seed: it serves no more pieces.
-                            for (node, _) in addrs.iter().filter(|(_, a)| **a == supernode) {
-                                planner.remove_parent(*node);
-                            }
+                            planner.remove_parent(supernode);
                             // The next supernode in the blob's order takes over: it seeds the
                             // blob once more and its hashes come as its seed reads, while peers
                             // go on trading what has hashes. Only without one do the pieces
@@ -352,19 +346,13 @@ impl P2pFetch<'_> {
         self.pieces.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn spawn(
-        &self,
-        jobs: &mut JoinSet<PieceResult>,
-        request: Request,
-        addrs: &HashMap<NodeId, SocketAddr>,
-        layout: PieceLayout,
-    ) {
+    fn spawn(&self, jobs: &mut JoinSet<PieceResult>, request: Request, layout: PieceLayout) {
         let digest = self.req.digest;
         match request {
-            Request::Peer { parent, piece } => {
-                let Some(addr) = addrs.get(&parent).copied() else {
-                    return;
-                };
+            Request::Peer {
+                parent: addr,
+                piece,
+            } => {
                 let swarm = self.swarm.clone();
                 let len = layout.len_of(piece).unwrap_or(0);
                 jobs.spawn(async move {
@@ -390,7 +378,7 @@ impl P2pFetch<'_> {
                     .unwrap_or_else(|_| Err("peer too slow".into()));
                     PieceResult {
                         piece,
-                        from: From::Peer(parent, addr),
+                        from: From::Peer(addr),
                         bytes: fetched,
                         answered_in,
                     }

@@ -20,6 +20,9 @@
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::time::{Duration, Instant};
 
+use std::hash::BuildHasher as _;
+use std::net::SocketAddr;
+
 use shoal_proto::message::{NodeId, Parent, PieceSet};
 use shoal_proto::{PieceIndex, PieceLayout};
 
@@ -64,8 +67,14 @@ impl Default for PlannerConfig {
 /// Where a piece should come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {
-    Peer { parent: NodeId, piece: PieceIndex },
-    Registry { piece: PieceIndex },
+    /// A parent, by the address the supernode named it by.
+    Peer {
+        parent: SocketAddr,
+        piece: PieceIndex,
+    },
+    Registry {
+        piece: PieceIndex,
+    },
 }
 
 /// Why a piece request failed.
@@ -81,7 +90,7 @@ pub enum Failure {
 
 #[derive(Debug)]
 struct ParentState {
-    node: NodeId,
+    node: SocketAddr,
     pieces: PieceSet,
     in_flight: u32,
     rested_until: Option<Instant>,
@@ -103,7 +112,7 @@ pub const MAX_PARENTS: usize = 64;
 enum Source {
     /// A parent, and its slot in `parents` when asked (still its own while the request is
     /// in flight: a parent is forgotten only with nothing in flight).
-    Peer(NodeId, usize),
+    Peer(SocketAddr, usize),
     Registry,
 }
 
@@ -120,11 +129,11 @@ pub struct Planner {
     /// The parents of the last few offers, each in a slot that stays its own while it is
     /// known (its bit in `holding`); `parent_at` finds one by id.
     parents: Vec<Option<ParentState>>,
-    parent_at: HashMap<NodeId, usize>,
+    parent_at: HashMap<SocketAddr, usize>,
     /// Offers so far.
     offers: u64,
     /// Parents that sent bad data or are gone: never asked again.
-    banned: HashSet<NodeId>,
+    banned: HashSet<SocketAddr>,
     /// Which parents (slots) that are not banned hold each piece this node lacks, and the
     /// pieces at least one holds: kept as offers come, so that a plan reads one word per
     /// piece, not every parent's piece set (`shoal sim` runs thousands of planners).
@@ -190,21 +199,21 @@ impl Planner {
         self.offers += 1;
         self.ranked_stale = true;
         for p in parents {
-            if !p.pieces.fits(count) || self.banned.contains(&p.node) {
+            if !p.pieces.fits(count) || self.banned.contains(&p.addr) {
                 continue;
             }
-            let at = match self.parent_at.get(&p.node) {
+            let at = match self.parent_at.get(&p.addr) {
                 Some(&at) => at,
                 None => {
                     let Some(at) = self.free_slot() else { continue };
                     self.parents[at] = Some(ParentState {
-                        node: p.node,
+                        node: p.addr,
                         pieces: PieceSet::empty(count),
                         in_flight: 0,
                         rested_until: None,
                         offered: 0,
                     });
-                    self.parent_at.insert(p.node, at);
+                    self.parent_at.insert(p.addr, at);
                     at
                 }
             };
@@ -240,7 +249,7 @@ impl Planner {
     }
 
     /// A parent, looked for first in the slot it had.
-    fn parent_in(&mut self, node: NodeId, at: usize) -> Option<&mut ParentState> {
+    fn parent_in(&mut self, node: SocketAddr, at: usize) -> Option<&mut ParentState> {
         let at = match self.parents.get(at) {
             Some(Some(p)) if p.node == node => at,
             _ => *self.parent_at.get(&node)?,
@@ -255,7 +264,7 @@ impl Planner {
 
     /// A parent is gone for good (e.g. the seed of a supernode that died): never ask it
     /// again, and free its pieces in flight for others.
-    pub fn remove_parent(&mut self, node: NodeId) {
+    pub fn remove_parent(&mut self, node: SocketAddr) {
         self.ban(node);
         let gone: Vec<PieceIndex> = self
             .in_flight
@@ -526,7 +535,7 @@ impl Planner {
 
     /// Never asks this parent again; its pieces no longer count as held. Its requests in
     /// flight still end (done or failed) as usual.
-    fn ban(&mut self, node: NodeId) {
+    fn ban(&mut self, node: SocketAddr) {
         self.banned.insert(node);
         self.ranked_stale = true;
         if let Some(&at) = self.parent_at.get(&node)
@@ -551,8 +560,8 @@ impl Planner {
         }
     }
 
-    fn spread(&self, parent: NodeId) -> u64 {
-        (parent.0 ^ u64::from(self.offset)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    fn spread(&self, parent: SocketAddr) -> u64 {
+        foldhash::fast::FixedState::with_seed(u64::from(self.offset)).hash_one(parent)
     }
 
     fn usable(&self, now: Instant, p: &ParentState) -> bool {
@@ -561,14 +570,14 @@ impl Planner {
 
     /// Among the parents that may be asked (`free`), the least busy that holds `piece`:
     /// its slot and id.
-    fn pick_parent(&self, piece: PieceIndex, free: u64) -> Option<(usize, NodeId)> {
+    fn pick_parent(&self, piece: PieceIndex, free: u64) -> Option<(usize, SocketAddr)> {
         // A piece whose hash is unknown cannot be checked: it waits for the hash (or goes
         // to the registry, which the whole-blob sha256 covers).
         if piece.0 >= self.hashes_known {
             return None;
         }
         let mut candidates = self.holding.get(piece.0 as usize)? & free;
-        let mut best: Option<((u32, u64), usize, NodeId)> = None;
+        let mut best: Option<((u32, u64), usize, SocketAddr)> = None;
         while candidates != 0 {
             let at = candidates.trailing_zeros() as usize;
             candidates &= candidates - 1;
@@ -620,10 +629,13 @@ mod tests {
         let mut set = PieceSet::empty(count);
         pieces.into_iter().for_each(|i| set.insert(PieceIndex(i)));
         Parent {
-            node: NodeId(id),
-            addr: "127.0.0.1:1".parse().unwrap(),
+            addr: peer(id),
             pieces: set,
         }
+    }
+
+    fn peer(id: u64) -> SocketAddr {
+        SocketAddr::from(([10, 0, (id >> 8) as u8, id as u8], 7000))
     }
 
     /// A planner without the overall cap on requests (tested on its own).
@@ -661,10 +673,7 @@ mod tests {
             .filter(|r| {
                 matches!(
                     r,
-                    Request::Peer {
-                        parent: NodeId(1),
-                        ..
-                    }
+                    Request::Peer { parent, .. } if *parent == peer(1)
                 )
             })
             .count();
@@ -720,11 +729,7 @@ mod tests {
                 p.failed(now, *piece, Failure::Unavailable);
             }
         }
-        let other = if first == NodeId(1) {
-            NodeId(2)
-        } else {
-            NodeId(1)
-        };
+        let other = if first == peer(1) { peer(2) } else { peer(1) };
         // Right now: the banned one never, the other is resting.
         assert!(p.next_requests(now).is_empty());
         let later = now + Duration::from_secs(6);
@@ -885,7 +890,7 @@ mod tests {
         let to_1: Vec<PieceIndex> = reqs
             .iter()
             .filter_map(|r| match r {
-                Request::Peer { parent, piece } if *parent == NodeId(1) => Some(*piece),
+                Request::Peer { parent, piece } if *parent == peer(1) => Some(*piece),
                 _ => None,
             })
             .collect();
@@ -907,7 +912,7 @@ mod tests {
         assert!(
             !reqs
                 .iter()
-                .any(|r| matches!(r, Request::Peer { parent, .. } if *parent == NodeId(1))),
+                .any(|r| matches!(r, Request::Peer { parent, .. } if *parent == peer(1))),
             "{reqs:?}"
         );
     }
@@ -937,7 +942,7 @@ mod tests {
         assert_eq!(reqs.len(), 4, "per_parent requests to parent 3: {reqs:?}");
         assert!(
             reqs.iter()
-                .all(|r| matches!(r, Request::Peer { parent: NodeId(3), piece } if piece.0 != 12)),
+                .all(|r| matches!(r, Request::Peer { parent, piece } if *parent == peer(3) && piece.0 != 12)),
             "{reqs:?}"
         );
         // The parent that sent bad data is never taken back, whatever the supernode says.

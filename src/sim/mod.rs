@@ -171,7 +171,10 @@ impl SimArgs {
             "the image takes {lower_bound:.0} s at --bandwidth; the sim models pulls of at \
              most {MAX_SECONDS} s (a larger --bandwidth or a smaller --image-size)"
         );
-        anyhow::ensure!(self.supernodes > 0, "--supernodes must be at least 1");
+        anyhow::ensure!(
+            (1..=MAX_SUPERNODES).contains(&self.supernodes),
+            "--supernodes must be between 1 and {MAX_SUPERNODES}"
+        );
         anyhow::ensure!(
             self.max_upload_peers > 0,
             "--max-upload-peers must be at least 1"
@@ -214,6 +217,8 @@ impl SimArgs {
 
 /// Bounds on flags, so that a typo gets an error rather than a run that never ends.
 const MAX_NODES: usize = 1_000_000;
+/// Supernodes a sim runs (each seed's address holds its index in a byte).
+const MAX_SUPERNODES: usize = 255;
 const MAX_THREADS: usize = 1024;
 const MAX_SECONDS: f64 = 3600.0;
 const MAX_LAYERS: usize = 1000;
@@ -357,9 +362,30 @@ fn seed_id(sn: usize) -> NodeId {
     NodeId(ID_HIGH | (SEED_ID_BASE + sn as u64))
 }
 
-fn addr_of(i: u64) -> SocketAddr {
-    let b = i.to_be_bytes();
-    SocketAddr::from(([10, b[5], b[6], b[7]], 4000))
+/// Where a node serves pieces: parents are named by address, so it must tell the node back.
+fn node_addr(i: u32) -> SocketAddr {
+    let b = (i + 1).to_be_bytes();
+    SocketAddr::from(([10, b[1], b[2], b[3]], NODE_PORT))
+}
+
+/// Where supernode `sn` and its seed are (also what decides which blobs it schedules).
+fn seed_addr(sn: usize) -> SocketAddr {
+    SocketAddr::from(([10, 0, 0, sn as u8], SEED_PORT))
+}
+
+const NODE_PORT: u16 = 4002;
+const SEED_PORT: u16 = 4000;
+
+/// The node or the supernode's seed at `addr`.
+fn parent_at(addr: SocketAddr) -> Result<u32, usize> {
+    let SocketAddr::V4(a) = addr else {
+        unreachable!("the sim's addresses are IPv4")
+    };
+    let [_, hi, mid, lo] = a.ip().octets();
+    match a.port() {
+        SEED_PORT => Err(usize::from(lo)),
+        _ => Ok(u32::from_be_bytes([0, hi, mid, lo]) - 1),
+    }
 }
 
 /// A micro-second clock for the event heap.
@@ -554,9 +580,7 @@ impl Sim {
             .chain(std::iter::repeat_n((sn_bw, sn_bw), args.supernodes))
             .chain(std::iter::once((registry_bw, f64::INFINITY)));
         let net = Net::new(caps);
-        let sn_addrs: Vec<SocketAddr> = (0..args.supernodes)
-            .map(|k| addr_of(seed_id(k).0))
-            .collect();
+        let sn_addrs: Vec<SocketAddr> = (0..args.supernodes).map(seed_addr).collect();
         let per_layer = args.image_size / args.layers as u64;
         let blobs = (0..args.layers)
             .map(|l| {
@@ -583,7 +607,7 @@ impl Sim {
                 let mut scheduler = Scheduler::new(SchedulerConfig::default());
                 let seed = seed_id(k);
                 scheduler.add_seed(seed);
-                let _ = scheduler.hello(base, seed, String::new(), addr_of(seed.0));
+                let _ = scheduler.hello(base, seed, String::new(), seed_addr(k));
                 Supernode {
                     scheduler,
                     alive: true,
@@ -822,7 +846,7 @@ impl Sim {
         let now = self.now(t);
         let id = node_id(node);
         for sn in self.sns.iter_mut().filter(|s| s.alive) {
-            let _ = sn.scheduler.hello(now, id, String::new(), addr_of(id.0));
+            let _ = sn.scheduler.hello(now, id, String::new(), node_addr(node));
         }
         for b in 0..self.blobs.len() {
             let pull = node as usize * self.blobs.len() + b;
@@ -1187,13 +1211,9 @@ impl Sim {
         let (piece, from, src) = match request {
             Request::Registry { piece } => (piece, self.registry, Src::Registry),
             Request::Peer { parent, piece } => {
-                let id = parent.0 & !ID_HIGH;
-                let (host, src, gone) = if id >= SEED_ID_BASE {
-                    let sn = (id - SEED_ID_BASE) as usize;
-                    (self.seed_host(sn), Src::Seed, !self.sns[sn].alive)
-                } else {
-                    let host = (id - 1) as Host;
-                    (host, Src::Peer, self.left[host as usize])
+                let (host, src, gone) = match parent_at(parent) {
+                    Err(sn) => (self.seed_host(sn), Src::Seed, !self.sns[sn].alive),
+                    Ok(node) => (node as Host, Src::Peer, self.left[node as usize]),
                 };
                 if gone {
                     self.fail(t, pull, piece, Failure::Unavailable);
@@ -1494,7 +1514,7 @@ impl Sim {
         for d in self.net.cut(host) {
             self.cut_flow(t, d);
         }
-        let seed = seed_id(sn);
+        let seed = seed_addr(sn);
         for pull in 0..self.pulls.len() {
             let p = &mut self.pulls[pull];
             if p.sn != sn || p.done {
@@ -1632,6 +1652,16 @@ fn direct(args: &SimArgs, step: f64) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parent_is_found_again_by_its_address() {
+        for node in [0, 1, 255, 256, 70_000, MAX_NODES as u32 - 1] {
+            assert_eq!(parent_at(node_addr(node)), Ok(node));
+        }
+        for sn in [0, 1, MAX_SUPERNODES - 1] {
+            assert_eq!(parent_at(seed_addr(sn)), Err(sn));
+        }
+    }
     use clap::Parser as _;
 
     #[derive(Debug, clap::Parser)]
@@ -1926,6 +1956,8 @@ mod tests {
             ("--nodes", "1000000000"),
             ("--layers", "100000000"),
             ("--bandwidth", "1kbit"),
+            ("--supernodes", "0"),
+            ("--supernodes", "256"),
         ] {
             let cli = Cli::try_parse_from(["sim", &format!("{flag}={value}")]).unwrap();
             let error = run(&cli.sim).unwrap_err().to_string();

@@ -301,16 +301,28 @@ impl Scheduler {
         &mut self,
         now: Instant,
         reporter: NodeId,
-        culprit: NodeId,
+        culprit: SocketAddr,
     ) -> Result<(), ScheduleError> {
         self.touch(now, reporter)?;
+        // Parents are named by address in answers, and so are they when reported; a rare
+        // event, so a scan over the peers beats an index kept for it.
+        let Some(node) = self
+            .peers
+            .iter()
+            .find(|(_, p)| p.addr == culprit)
+            .map(|(id, _)| *id)
+        else {
+            tracing::warn!(%culprit, ?reporter, "a peer no longer known was reported for bad data");
+            return Ok(());
+        };
         tracing::warn!(
-            ?culprit,
+            ?node,
+            %culprit,
             ?reporter,
             "peer sent a piece that failed its hash; banned"
         );
-        self.banned.insert(culprit);
-        self.forget_peer(culprit);
+        self.banned.insert(node);
+        self.forget_peer(node);
         Ok(())
     }
 
@@ -517,7 +529,6 @@ impl Scheduler {
                 held.without(task.holders.get(&asker).unwrap_or(&empty))
             };
             parents.push(Parent {
-                node,
                 addr: peer.addr,
                 pieces,
             });
@@ -555,8 +566,17 @@ mod tests {
         }
     }
 
+    /// Node `i`'s address: parents are named by it, [`id`] reads the node back.
     fn addr(i: u64) -> SocketAddr {
-        format!("10.0.0.{}:7000", i % 250 + 1).parse().unwrap()
+        SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 7000))
+    }
+
+    fn id(p: &Parent) -> NodeId {
+        let SocketAddr::V4(a) = p.addr else {
+            panic!("{} is not a test address", p.addr)
+        };
+        let [_, hi, mid, lo] = a.ip().octets();
+        NodeId(u64::from(hi) << 16 | u64::from(mid) << 8 | u64::from(lo))
     }
 
     fn setup(
@@ -589,7 +609,7 @@ mod tests {
             .unwrap();
         // Node 2 has piece 0: node 1 (only piece 0) is useless to it.
         let parents = s.parents(clock.now(), NodeId(2), &d).unwrap();
-        let ids: Vec<_> = parents.iter().map(|p| p.node).collect();
+        let ids: Vec<_> = parents.iter().map(id).collect();
         assert_eq!(ids, vec![NodeId(0)]);
         // Its pieces, less the one the asker has.
         let named: Vec<u32> = parents[0].pieces.iter().map(|i| i.0).collect();
@@ -598,7 +618,7 @@ mod tests {
             .parents(clock.now(), NodeId(0), &d)
             .unwrap()
             .iter()
-            .map(|p| p.node)
+            .map(id)
             .collect();
         assert!(
             ids.is_empty(),
@@ -619,7 +639,7 @@ mod tests {
             s.parents(now, NodeId(asker), &d)
                 .unwrap()
                 .into_iter()
-                .find(|p| p.node == seed)
+                .find(|p| id(p) == seed)
                 .map(|p| p.pieces.iter().map(|i| i.0).collect::<Vec<_>>())
         };
         // Two pieces per asker, each rare piece to one asker at a time.
@@ -652,7 +672,7 @@ mod tests {
             .parents(clock.now(), NodeId(1), &d)
             .unwrap()
             .into_iter()
-            .find(|p| p.node == seed)
+            .find(|p| id(p) == seed)
             .map(|p| p.pieces.iter().count());
         assert_eq!(
             offered,
@@ -670,7 +690,7 @@ mod tests {
         let parents = s.parents(clock.now(), NodeId(9), &d).unwrap();
         assert_eq!(parents.len(), 8);
         assert!(
-            parents[..4].iter().all(|p| p.node.0 % 2 == 1),
+            parents[..4].iter().all(|p| id(p).0 % 2 == 1),
             "the four in the asker's zone come first: {parents:?}"
         );
     }
@@ -683,7 +703,7 @@ mod tests {
         let mut handed = HashMap::new();
         for asker in 2..40 {
             for p in s.parents(clock.now(), NodeId(asker), &d).unwrap() {
-                *handed.entry(p.node).or_insert(0i32) += 1;
+                *handed.entry(id(&p)).or_insert(0i32) += 1;
             }
         }
         // Two holders, 38 askers: both carry the load evenly.
@@ -694,7 +714,7 @@ mod tests {
         // With a third holder, fresh, it comes first: the others are over their cap.
         s.have(clock.now(), NodeId(2), &d, &all(&layout)).unwrap();
         assert_eq!(
-            s.parents(clock.now(), NodeId(45), &d).unwrap()[0].node,
+            id(&s.parents(clock.now(), NodeId(45), &d).unwrap()[0]),
             NodeId(2)
         );
         clock.advance(Duration::from_secs(3));
@@ -730,7 +750,7 @@ mod tests {
         );
         let first: Vec<NodeId> = s.parents(clock.now(), NodeId(6), &d).unwrap()[..2]
             .iter()
-            .map(|p| p.node)
+            .map(id)
             .collect();
         assert!(
             first.contains(&NodeId(4)) && first.contains(&NodeId(5)),
@@ -747,13 +767,13 @@ mod tests {
         );
         let parents = s.parents(clock.now(), NodeId(7), &d).unwrap();
         assert!(
-            parents[..3].iter().any(|p| p.node == NodeId(0)),
+            parents[..3].iter().any(|p| id(p) == NodeId(0)),
             "{parents:?}"
         );
         // Reports that old say nothing: every holder is a candidate on its other merits.
         clock.advance(UPLOADS_FRESH + Duration::from_millis(1));
         let parents = s.parents(clock.now(), NodeId(6), &d).unwrap();
-        let at = |n: u64| parents.iter().position(|p| p.node == NodeId(n));
+        let at = |n: u64| parents.iter().position(|p| id(p) == NodeId(n));
         assert!(
             at(1) < at(5),
             "handed out as often, a holder once full is no longer last: {parents:?}"
@@ -773,7 +793,7 @@ mod tests {
             let parents = s.parents(clock.now(), NodeId(asker), &d).unwrap();
             assert_eq!(parents.len(), 8);
             for p in parents {
-                *handed.entry(p.node).or_insert(0) += 1;
+                *handed.entry(id(&p)).or_insert(0) += 1;
             }
         }
         assert_eq!(handed.len(), 30, "every holder in turn: {handed:?}");
@@ -799,7 +819,7 @@ mod tests {
             .parents(clock.now(), NodeId(16), &d)
             .unwrap()
             .iter()
-            .map(|p| p.node.0)
+            .map(|p| id(p).0)
             .collect();
         parents.sort_unstable();
         assert_eq!(parents, (0..8).collect::<Vec<_>>());
@@ -812,12 +832,12 @@ mod tests {
             s.have(clock.now(), NodeId(i), &d, &all(&layout)).unwrap();
         }
         s.leave(NodeId(0));
-        s.bad_piece(clock.now(), NodeId(4), NodeId(1)).unwrap();
+        s.bad_piece(clock.now(), NodeId(4), addr(1)).unwrap();
         let ids: HashSet<_> = s
             .parents(clock.now(), NodeId(4), &d)
             .unwrap()
             .iter()
-            .map(|p| p.node)
+            .map(id)
             .collect();
         assert_eq!(ids, HashSet::from_iter([NodeId(2), NodeId(3)]));
         assert_eq!(
@@ -832,7 +852,7 @@ mod tests {
             .parents(clock.now(), NodeId(4), &d)
             .unwrap()
             .iter()
-            .map(|p| p.node)
+            .map(id)
             .collect();
         assert_eq!(ids, vec![NodeId(2)], "node 3 timed out");
         s.expire(clock.now());
