@@ -152,6 +152,9 @@ pub async fn scale_out(args: &ScaleOutArgs, image: &Image) -> anyhow::Result<Run
     let lower_bound = image_bytes as f64 / bw as f64;
     let nodes: Vec<usize> = (first_node..first_node + args.nodes).collect();
     let egress_before = registry.blob_bytes_sent();
+    let supernode_hosts = 1..=args.supernodes;
+    let links_before: Vec<(u64, u64)> =
+        supernode_hosts.clone().map(|k| lab.link_bytes(k)).collect();
     let mut shoal = pull_all(
         &lab,
         &nodes,
@@ -161,6 +164,14 @@ pub async fn scale_out(args: &ScaleOutArgs, image: &Image) -> anyhow::Result<Run
     )
     .await?;
     shoal.registry_egress_bytes = registry.blob_bytes_sent() - egress_before;
+    let (mut sent, mut received) = (0, 0);
+    for (k, (tx, rx)) in supernode_hosts.zip(links_before) {
+        let (tx_now, rx_now) = lab.link_bytes(k);
+        sent += tx_now.saturating_sub(tx);
+        received += rx_now.saturating_sub(rx);
+    }
+    shoal.supernode_sent_bytes = Some(sent);
+    shoal.supernode_received_bytes = Some(received);
     let (mut answers, mut peer_rtts, mut supernode_rtts) = ((0.0, 0), (0.0, 0), (0.0, 0));
     let mut beyond = 0;
     for &host in &nodes {

@@ -179,13 +179,26 @@ impl Lab {
 
     /// Bytes host `k` has sent on its link so far.
     pub fn tx_bytes(&self, k: usize) -> u64 {
-        Command::new("ip")
+        self.link_bytes(k).0
+    }
+
+    /// Bytes host `k` has sent and received on its link so far (everything on the wire:
+    /// payload, packet headers, acknowledgements); 0 when they cannot be read.
+    pub fn link_bytes(&self, k: usize) -> (u64, u64) {
+        let out = Command::new("ip")
             .args(["netns", "exec", &self.ns(k), "cat"])
-            .arg("/sys/class/net/eth0/statistics/tx_bytes")
+            .args([
+                "/sys/class/net/eth0/statistics/tx_bytes",
+                "/sys/class/net/eth0/statistics/rx_bytes",
+            ])
             .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(0)
+            .ok();
+        let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        let mut counts = text
+            .iter()
+            .flat_map(|t| t.split_whitespace())
+            .map(|w| w.parse().unwrap_or(0));
+        (counts.next().unwrap_or(0), counts.next().unwrap_or(0))
     }
 }
 

@@ -84,6 +84,16 @@ pub struct Outcome {
     /// which share the rest).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub supernode_answer_wait_s: Option<f64>,
+    /// What the supernodes' hosts sent on their links during the pull: the seed's pieces,
+    /// the answers, and in netns mode everything around them (packet headers,
+    /// acknowledgements, the streams that carry questions and announcements), read from
+    /// the links' counters; the sim counts the seed's pieces and the answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub supernode_sent_bytes: Option<u64>,
+    /// What they received: the blobs their seeds read from the registry, and the nodes'
+    /// questions and announcements with their packets (netns; the sim counts the blobs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub supernode_received_bytes: Option<u64>,
     /// Upload capacity of a supernode's host, shared by its answers and its seed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub supernode_link_bytes_per_s: Option<u64>,
@@ -97,6 +107,28 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// What the supernodes' links carried, split into the seed's pieces, the answers and
+    /// the rest, as a line of the table.
+    fn supernode_links(&self) -> Option<String> {
+        let (sent, received) = (self.supernode_sent_bytes?, self.supernode_received_bytes?);
+        let answers = self.supernode_answer_bytes.unwrap_or(0);
+        let blobs = self
+            .registry_egress_bytes
+            .saturating_sub(self.fallback_bytes);
+        let besides = sent.saturating_sub(self.seed_bytes + answers);
+        Some(format!(
+            "the supernodes' links sent {} ({} of the seed's pieces, {} of answers, {} \
+             besides: {:.0}% of it) and received {} ({} of blobs from the registry)\n",
+            human_bytes(sent),
+            human_bytes(self.seed_bytes),
+            human_bytes(answers),
+            human_bytes(besides),
+            100.0 * besides as f64 / sent.max(1) as f64,
+            human_bytes(received),
+            human_bytes(blobs),
+        ))
+    }
+
     /// Fills the derived fields from the raw ones.
     pub fn finish(mut self, image_bytes: u64, lower_bound_s: f64) -> Outcome {
         self.completion_s = Completion::of(&self.node_completion_s);
@@ -145,6 +177,10 @@ pub struct CrossCheck {
     /// agreement: the real nodes ask more often when their run takes longer).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub answer_bytes_apart: Option<f64>,
+    /// The same for all the supernodes sent (informational: the model sends only the
+    /// seed's pieces and the answers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub supernode_sent_apart: Option<f64>,
 }
 
 impl CrossCheck {
@@ -163,6 +199,10 @@ impl CrossCheck {
             answer_bytes_apart: sim
                 .supernode_answer_bytes
                 .zip(real.supernode_answer_bytes)
+                .map(|(sim, real)| apart(sim as f64, real as f64)),
+            supernode_sent_apart: sim
+                .supernode_sent_bytes
+                .zip(real.supernode_sent_bytes)
                 .map(|(sim, real)| apart(sim as f64, real as f64)),
         }
     }
@@ -284,6 +324,9 @@ impl Run {
                 None => out += "\n",
             }
         }
+        if let Some(line) = self.shoal.supernode_links() {
+            out += &line;
+        }
         if let Some(beyond) = self.shoal.uploads_beyond_slots {
             out += &format!(
                 "the nodes knew their link and sent {beyond} pieces beyond their upload slots \
@@ -311,6 +354,13 @@ impl Run {
             if let Some(apart) = c.answer_bytes_apart {
                 out += &format!(
                     "the supernodes' answers in the model: {:+.0}% of the bytes here\n",
+                    apart * 100.0
+                );
+            }
+            if let Some(apart) = c.supernode_sent_apart {
+                out += &format!(
+                    "all the supernodes sent, in the model: {:+.0}% of what their links sent \
+                     here (the model sends no packet headers, acknowledgements or streams)\n",
                     apart * 100.0
                 );
             }

@@ -132,6 +132,29 @@ fn in_namespaces_the_caps_hold_the_registry_sends_the_image_once_and_bittorrent_
         cross["p50_apart"].as_f64().unwrap().is_finite(),
         "{cross:#}"
     );
+    // The supernode's link counters hold what it is known to have sent and received:
+    // its seed's pieces and its answers out, the image from the registry in (each with
+    // the packets around them on top), and the cross-check compares the model's.
+    let bytes = |field: &str| {
+        run[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{field}: {run:#}"))
+    };
+    let sent = bytes("supernode_sent_bytes");
+    let counted = bytes("seed_bytes") + bytes("supernode_answer_bytes");
+    assert!(
+        sent >= counted && sent < 2 * counted + (1 << 20),
+        "sent {sent} B for {counted} B of pieces and answers"
+    );
+    let received = bytes("supernode_received_bytes");
+    assert!(
+        received as f64 >= 0.99 * image,
+        "received {received} B of a {image} B image"
+    );
+    assert!(
+        cross["supernode_sent_apart"].as_f64().unwrap().is_finite(),
+        "{cross:#}"
+    );
     // The nodes measured their peers and their supernode.
     for field in ["peer_answer_s", "peer_rtt_s", "supernode_rtt_s"] {
         let s = run[field].as_f64().unwrap_or(-1.0);

@@ -838,6 +838,12 @@ impl Sim {
             supernode_answer_wait_s: Some(self.answer_wait),
             supernode_answers: Some(self.answers_sent),
             supernode_link_bytes_per_s: Some(self.supernode_up as u64),
+            // The model's supernodes send pieces and answers, and receive blobs: nothing
+            // else is on their links.
+            supernode_sent_bytes: Some(self.bytes.seed + self.answer_bytes),
+            supernode_received_bytes: Some(
+                (self.bytes.registry as u64).saturating_sub(self.bytes.fallback),
+            ),
             ..Default::default()
         }
     }
