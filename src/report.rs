@@ -76,6 +76,10 @@ pub struct Outcome {
     /// Answers the supernodes sent (the sim).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub supernode_answers: Option<u64>,
+    /// Announcements of new pieces the supernodes received, each a stream of its own
+    /// (the sim).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub supernode_announcements: Option<u64>,
     /// The most answer bytes one supernode sent in one second of the run (the sim).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub supernode_answer_peak_bytes_per_s: Option<u64>,
@@ -314,15 +318,24 @@ impl Run {
                 }
                 _ => {}
             }
-            match self.shoal.supernode_answer_wait_s {
-                Some(wait) => {
-                    out += &format!(
-                        "; an answer took at most {:.1} ms to go out on that link\n",
-                        wait * 1000.0
-                    )
-                }
-                None => out += "\n",
+            if let Some(wait) = self.shoal.supernode_answer_wait_s {
+                out += &format!(
+                    "; an answer took at most {:.1} ms to go out on that link",
+                    wait * 1000.0
+                );
             }
+            out += "\n";
+        }
+        if let (Some(answers), Some(announced)) = (
+            self.shoal.supernode_answers,
+            self.shoal.supernode_announcements,
+        ) {
+            let seconds = self.shoal.completion_s.max.max(f64::MIN_POSITIVE);
+            out += &format!(
+                "the supernodes answered {answers} questions and took {announced} \
+                 announcements, about {:.0} streams a second until the last node was done\n",
+                (answers + announced) as f64 / seconds
+            );
         }
         if let Some(line) = self.shoal.supernode_links() {
             out += &line;

@@ -491,6 +491,9 @@ struct Sim {
     /// Bytes of the supernodes' answers, in all and per (second of the run, supernode).
     answer_bytes: u64,
     answers_sent: u64,
+    /// Announcements of new pieces (`Have`, each on a stream of its own) the supernodes
+    /// received.
+    announcements: u64,
     answer_bytes_per_s: Vec<u64>,
     supernode_rtt: f64,
     /// Upload capacity of a supernode's host (bytes per second).
@@ -684,6 +687,7 @@ impl Sim {
             sent_beyond: 0,
             answer_bytes: 0,
             answers_sent: 0,
+            announcements: 0,
             answer_bytes_per_s: Vec::new(),
             supernode_rtt: args.supernode_rtt_ms / 1000.0,
             supernode_up: sn_bw,
@@ -793,7 +797,7 @@ impl Sim {
             self.waits_end(t);
             self.plan(t);
             if t >= next_sample {
-                series.push((t, self.bytes.registry as u64));
+                series.push((t, self.bytes.registry.round() as u64));
                 next_sample += sample_every;
             }
 
@@ -809,7 +813,7 @@ impl Sim {
                 }
             }
         }
-        series.push((t, self.bytes.registry as u64));
+        series.push((t, self.bytes.registry.round() as u64));
         let node_completion_s: Vec<f64> = self
             .nodes
             .iter()
@@ -822,7 +826,7 @@ impl Sim {
             .filter(|(n, left)| !**left && n.done_at.is_none())
             .count();
         Outcome {
-            registry_egress_bytes: self.bytes.registry as u64,
+            registry_egress_bytes: self.bytes.registry.round() as u64,
             peer_bytes: self.bytes.peer,
             seed_bytes: self.bytes.seed,
             fallback_bytes: self.bytes.fallback,
@@ -837,12 +841,13 @@ impl Sim {
             supernode_answer_peak_bytes_per_s: self.answer_bytes_per_s.iter().max().copied(),
             supernode_answer_wait_s: Some(self.answer_wait),
             supernode_answers: Some(self.answers_sent),
+            supernode_announcements: Some(self.announcements),
             supernode_link_bytes_per_s: Some(self.supernode_up as u64),
             // The model's supernodes send pieces and answers, and receive blobs: nothing
             // else is on their links.
             supernode_sent_bytes: Some(self.bytes.seed + self.answer_bytes),
             supernode_received_bytes: Some(
-                (self.bytes.registry as u64).saturating_sub(self.bytes.fallback),
+                (self.bytes.registry.round() as u64).saturating_sub(self.bytes.fallback),
             ),
             ..Default::default()
         }
@@ -1585,6 +1590,7 @@ impl Sim {
     }
 
     fn announce(&mut self, t: f64, pull: u32, haves: &[PieceIndex], sending: u16) {
+        self.announcements += 1;
         let now = self.now(t);
         let p = &self.pulls[pull as usize];
         let sn = &mut self.sns[p.sn];
@@ -1880,6 +1886,20 @@ mod tests {
             "the seed and the answers sent {sent:.0} bytes, more than the link carries in \
              {:.2} s\n{}",
             out.completion_s.max,
+            run.table()
+        );
+        // What the model says its supernode sent and received: the same pieces and
+        // answers, and the blob once.
+        assert_eq!(
+            out.supernode_sent_bytes,
+            Some(out.seed_bytes + answers as u64)
+        );
+        assert_eq!(out.supernode_received_bytes, Some(4 << 20));
+        // Each announcement names at least one new piece, and every node has some.
+        let announced = out.supernode_announcements.unwrap();
+        assert!(
+            (500..=500 * 64).contains(&announced),
+            "{announced} announcements\n{}",
             run.table()
         );
         // On a link of its own (as fast as theirs), the answers leave the seed room.
