@@ -1,0 +1,170 @@
+//! How many announcements of new pieces (`Have`, each on a QUIC stream of its own, as
+//! shoald sends them) one shoal-supernode takes per second on loopback, from 64 nodes at
+//! once. `shoal sim` counts what a swarm sends (`supernode_announcements`): 10,000 nodes
+//! pulling 1 GiB at 1 Gbit/s send about 380,000 streams a second to one supernode. The raw
+//! limit beside it: the same streams to a server that reads them and does nothing else.
+//!
+//! `cargo bench --bench announce` (add `-- --quick` for a short run).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use shoal_proto::frame::{MAX_FRAME, encode};
+use shoal_proto::message::{NodeId, StreamKind, ToSupernode, Uploads};
+use shoal_proto::{BlobDigest, PieceIndex, PieceLayout};
+use shoal_supernode::{Supernode, SupernodeConfig};
+use shoal_transport::{ClusterCa, Endpoint};
+
+/// Nodes announcing at once.
+const NODES: usize = 64;
+/// Streams each node keeps open at once (a daemon announces every 20 ms and asks its
+/// questions meanwhile: a few at a time).
+const IN_FLIGHT: usize = 4;
+
+const BLOB_LEN: u64 = 1 << 30;
+
+/// One message on a stream of its own, and its (empty) answer read to the end.
+async fn exchange(conn: &quinn::Connection, msg: &[u8]) {
+    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+    send.write_all(msg).await.expect("write");
+    send.finish().expect("finish");
+    recv.read_to_end(MAX_FRAME as usize).await.expect("answer");
+}
+
+fn control(msg: &ToSupernode) -> Vec<u8> {
+    let mut bytes = vec![StreamKind::Control as u8];
+    bytes.extend_from_slice(&encode(msg));
+    bytes
+}
+
+/// `NODES` connections to `addr`, each with an identity from `ca`; each says hello and
+/// holds the blob first when `hello` (so that its announcements reach a task).
+async fn nodes(ca: &ClusterCa, addr: SocketAddr, hello: bool) -> Vec<quinn::Connection> {
+    let digest = BlobDigest::of(b"announced blob");
+    let mut conns = Vec::new();
+    for i in 0..NODES {
+        let node = NodeId(1_000 + i as u64);
+        let identity = ca.issue(node).expect("identity");
+        let endpoint = Endpoint::bind("127.0.0.1:0".parse().unwrap(), &identity).unwrap();
+        let (conn, _) = endpoint.connect(addr).await.expect("connect");
+        if hello {
+            let hello = ToSupernode::Hello {
+                node,
+                zone: String::new(),
+                peer_addr: endpoint.local_addr().unwrap(),
+            };
+            exchange(&conn, &control(&hello)).await;
+            let holding = ToSupernode::Holding {
+                digest,
+                len: BLOB_LEN,
+            };
+            exchange(&conn, &control(&holding)).await;
+        }
+        // The endpoint lives as long as its connection.
+        std::mem::forget(endpoint);
+        conns.push(conn);
+    }
+    conns
+}
+
+/// Sends `total` announcements over `conns`, `IN_FLIGHT` at a time per connection.
+async fn announce(conns: &[quinn::Connection], total: u64) -> Duration {
+    let count = PieceLayout::for_blob(BLOB_LEN).unwrap().count();
+    let per_conn = total.div_ceil(conns.len() as u64);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for conn in conns {
+        for lane in 0..IN_FLIGHT as u64 {
+            let conn = conn.clone();
+            let n = per_conn / IN_FLIGHT as u64 + u64::from(lane < per_conn % IN_FLIGHT as u64);
+            tasks.spawn(async move {
+                for k in 0..n {
+                    let have = ToSupernode::Have {
+                        digest: BlobDigest::of(b"announced blob"),
+                        pieces: vec![PieceIndex((k as u32 * 7 + lane as u32) % count)],
+                        uploads: Uploads {
+                            sending: 1,
+                            slots: 4,
+                        },
+                    };
+                    exchange(&conn, &control(&have)).await;
+                }
+            });
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    started.elapsed()
+}
+
+/// A server that reads each stream to its end and closes it, answering nothing: the cost
+/// of the streams alone.
+async fn sink(ca: &ClusterCa) -> SocketAddr {
+    let identity = ca.issue(NodeId(1)).unwrap();
+    let endpoint = Endpoint::bind("127.0.0.1:0".parse().unwrap(), &identity).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Some(accepting) = endpoint.incoming().await {
+            tokio::spawn(async move {
+                let Some((conn, _)) = accepting.established().await else {
+                    return;
+                };
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    tokio::spawn(async move {
+                        let _ = recv.read_to_end(MAX_FRAME as usize).await;
+                        let _ = send.finish();
+                    });
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn announcements(c: &mut Criterion) {
+    let rt = Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (supernode, to_supernode, to_sink) = rt.block_on(async {
+        let supernode = Supernode::start(SupernodeConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            api_listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().to_owned(),
+            upstream: Default::default(),
+        })
+        .await
+        .expect("supernode");
+        let to_supernode = nodes(&supernode.ca, supernode.quic_addr, true).await;
+        // Every node is known and holds the blob: its announcements are taken, not refused.
+        let url = format!("http://{}/status", supernode.api_addr);
+        let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+        let status: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(status["peers"], NODES + 1, "{status}");
+        assert_eq!(status["tasks"], 1, "{status}");
+        let sink = sink(&supernode.ca).await;
+        let to_sink = nodes(&supernode.ca, sink, false).await;
+        (supernode, to_supernode, to_sink)
+    });
+    let mut g = c.benchmark_group(format!("announcements, a stream each, from {NODES} nodes"));
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("streams read and dropped (raw limit)", |b| {
+        b.iter_custom(|iters| rt.block_on(announce(&to_sink, iters)))
+    });
+    g.bench_function("shoal-supernode", |b| {
+        b.iter_custom(|iters| rt.block_on(announce(&to_supernode, iters)))
+    });
+    g.finish();
+    drop(supernode);
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(10));
+    targets = announcements
+}
+criterion_main!(benches);
