@@ -1,6 +1,6 @@
-//! How many announcements of new pieces (`Have`, each on a QUIC stream of its own, as
-//! shoald sends them) one shoal-supernode takes per second on loopback, from 64 nodes at
-//! once. `shoal sim` counts what a swarm sends (`supernode_announcements`): 10,000 nodes
+//! How many announcements of new pieces (`Have`) one shoal-supernode takes per second on
+//! loopback, from 64 nodes at once: each on a QUIC stream of its own (as shoald sent them
+//! before), and as frames on one stream per node (as it sends them now). `shoal sim` counts what a swarm sends (`supernode_announcements`): 10,000 nodes
 //! pulling 1 GiB at 1 Gbit/s send about 380,000 streams a second to one supernode. The raw
 //! limit beside it: the same streams to a server that reads them and does nothing else.
 //!
@@ -69,33 +69,60 @@ async fn nodes(ca: &ClusterCa, addr: SocketAddr, hello: bool) -> Vec<quinn::Conn
     conns
 }
 
-/// Sends `total` announcements over `conns`, `IN_FLIGHT` at a time per connection.
-async fn announce(conns: &[quinn::Connection], total: u64) -> Duration {
-    let count = PieceLayout::for_blob(BLOB_LEN).unwrap().count();
+/// Runs `job(connection, announcements)` on every connection at once, `total`
+/// announcements in all; the time until all are done.
+async fn timed<F, Fut>(conns: &[quinn::Connection], total: u64, job: F) -> Duration
+where
+    F: Fn(quinn::Connection, u64) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let per_conn = total.div_ceil(conns.len() as u64);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for conn in conns {
-        for lane in 0..IN_FLIGHT as u64 {
-            let conn = conn.clone();
-            let n = per_conn / IN_FLIGHT as u64 + u64::from(lane < per_conn % IN_FLIGHT as u64);
-            tasks.spawn(async move {
-                for k in 0..n {
-                    let have = ToSupernode::Have {
-                        digest: BlobDigest::of(b"announced blob"),
-                        pieces: vec![PieceIndex((k as u32 * 7 + lane as u32) % count)],
-                        uploads: Uploads {
-                            sending: 1,
-                            slots: 4,
-                        },
-                    };
-                    exchange(&conn, &control(&have)).await;
-                }
-            });
-        }
+        tasks.spawn(job(conn.clone(), per_conn));
     }
     while tasks.join_next().await.is_some() {}
     started.elapsed()
+}
+
+/// The `k`th announcement of a node: one piece.
+fn have(k: u64) -> ToSupernode {
+    let count = PieceLayout::for_blob(BLOB_LEN).unwrap().count();
+    ToSupernode::Have {
+        digest: BlobDigest::of(b"announced blob"),
+        pieces: vec![PieceIndex((k * 7 % u64::from(count)) as u32)],
+        uploads: Uploads {
+            sending: 1,
+            slots: 4,
+        },
+    }
+}
+
+/// `n` announcements, each on a stream of its own, `IN_FLIGHT` at a time.
+async fn a_stream_each(conn: quinn::Connection, n: u64) {
+    let lanes = (0..IN_FLIGHT as u64).map(|lane| {
+        let conn = conn.clone();
+        async move {
+            for k in (lane..n).step_by(IN_FLIGHT) {
+                exchange(&conn, &control(&have(k))).await;
+            }
+        }
+    });
+    futures_util::future::join_all(lanes).await;
+}
+
+/// `n` announcements as shoald sends them: frames on one stream. Done once the supernode
+/// has received them all (QUIC's flow control keeps it from taking in much more than it
+/// has processed).
+async fn one_stream(conn: quinn::Connection, n: u64) {
+    let (mut send, _) = conn.open_bi().await.expect("stream");
+    send.write_all(&[StreamKind::Announce as u8]).await.unwrap();
+    for k in 0..n {
+        send.write_all(&encode(&have(k))).await.expect("write");
+    }
+    send.finish().expect("finish");
+    send.stopped().await.expect("received");
 }
 
 /// A server that reads each stream to its end and closes it, answering nothing: the cost
@@ -150,14 +177,19 @@ fn announcements(c: &mut Criterion) {
         let to_sink = nodes(&supernode.ca, sink, false).await;
         (supernode, to_supernode, to_sink)
     });
-    let mut g = c.benchmark_group(format!("announcements, a stream each, from {NODES} nodes"));
+    let mut g = c.benchmark_group(format!("announcements from {NODES} nodes"));
     g.throughput(Throughput::Elements(1));
-    g.bench_function("streams read and dropped (raw limit)", |b| {
-        b.iter_custom(|iters| rt.block_on(announce(&to_sink, iters)))
+    g.bench_function(
+        "a stream each, read and dropped (raw limit of a stream each)",
+        |b| b.iter_custom(|iters| rt.block_on(timed(&to_sink, iters, a_stream_each))),
+    );
+    g.bench_function("shoal-supernode, a stream each", |b| {
+        b.iter_custom(|iters| rt.block_on(timed(&to_supernode, iters, a_stream_each)))
     });
-    g.bench_function("shoal-supernode", |b| {
-        b.iter_custom(|iters| rt.block_on(announce(&to_supernode, iters)))
-    });
+    g.bench_function(
+        "shoal-supernode, frames on one stream per node (shoald)",
+        |b| b.iter_custom(|iters| rt.block_on(timed(&to_supernode, iters, one_stream))),
+    );
     g.finish();
     drop(supernode);
 }

@@ -339,7 +339,7 @@ impl P2pFetch<'_> {
             pieces,
             uploads: self.swarm.uploads(),
         };
-        self.swarm.notify(supernode, msg);
+        self.swarm.announce(supernode, msg);
     }
 
     fn lock_pieces(&self) -> std::sync::MutexGuard<'_, Option<(PieceLayout, PieceSet)>> {

@@ -20,6 +20,7 @@ use shoal_proto::message::{
 use shoal_transport::ca::{self, NodeIdentity};
 use shoal_transport::pieces::{PieceLookup, UploadLimits, serve_pieces};
 use shoal_transport::rate::ByteRate;
+use tokio::sync::mpsc;
 
 use crate::dial::Dialer;
 use crate::store::Store;
@@ -61,6 +62,8 @@ pub struct Swarm {
     pub download_rate: Option<ByteRate>,
     /// The store whose whole blobs are announced to supernodes.
     holdings: std::sync::OnceLock<Arc<Store>>,
+    /// Per supernode, the queue of announcements its stream sends ([`Swarm::announce`]).
+    announcers: Mutex<HashMap<SocketAddr, mpsc::Sender<ToSupernode>>>,
 }
 
 impl Swarm {
@@ -85,6 +88,7 @@ impl Swarm {
             ),
             download_rate: ByteRate::new(config.download_rate),
             holdings: std::sync::OnceLock::new(),
+            announcers: Mutex::default(),
         }))
     }
 
@@ -244,6 +248,23 @@ impl Swarm {
         });
     }
 
+    /// Announces new pieces to a supernode without waiting: frames on one stream per
+    /// supernode, opened again on the current connection when it breaks. Announcements are
+    /// a hint for the scheduler; when the supernode cannot take them as fast as they come
+    /// ([`ANNOUNCE_QUEUE`] waiting), newer ones are dropped, as are those a broken stream
+    /// loses.
+    pub fn announce(self: &Arc<Self>, supernode: SocketAddr, msg: ToSupernode) {
+        let mut announcers = self.announcers.lock().unwrap_or_else(|p| p.into_inner());
+        let queue = announcers.entry(supernode).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(ANNOUNCE_QUEUE);
+            tokio::spawn(announce_to(self.clone(), supernode, rx));
+            tx
+        });
+        if let Err(e) = queue.try_send(msg) {
+            tracing::debug!(%supernode, error = %e, "announcement dropped");
+        }
+    }
+
     /// Drops a broken connection, so that the next use reconnects (and greets again).
     pub fn forget(&self, addr: SocketAddr) {
         if let Some(conn) = self.lock_conns().remove(&addr) {
@@ -251,6 +272,46 @@ impl Swarm {
             conn.close(0u32.into(), b"unreachable");
         }
     }
+}
+
+/// Announcements waiting for a supernode's stream.
+const ANNOUNCE_QUEUE: usize = 256;
+
+/// Sends a supernode the announcements queued for it, as frames on one stream.
+async fn announce_to(
+    swarm: Arc<Swarm>,
+    supernode: SocketAddr,
+    mut queue: mpsc::Receiver<ToSupernode>,
+) {
+    let mut stream: Option<quinn::SendStream> = None;
+    while let Some(msg) = queue.recv().await {
+        let frame = frame::encode(&msg);
+        let sent = tokio::time::timeout(CONTROL_TIMEOUT, async {
+            if stream.is_none() {
+                stream = Some(open_announcements(&swarm, supernode).await?);
+            }
+            let send = stream.as_mut().expect("just opened");
+            send.write_all(&frame).await?;
+            anyhow::Ok(())
+        })
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("took over {CONTROL_TIMEOUT:?}")));
+        if let Err(e) = sent {
+            tracing::debug!(%supernode, error = %e, "announcement lost; the stream opens again with the next");
+            stream = None;
+        }
+    }
+}
+
+async fn open_announcements(
+    swarm: &Swarm,
+    supernode: SocketAddr,
+) -> anyhow::Result<quinn::SendStream> {
+    let conn = swarm.conn(supernode).await?;
+    let (mut send, _) = conn.open_bi().await?;
+    let _ = send.set_priority(CONTROL_PRIORITY);
+    send.write_all(&[StreamKind::Announce as u8]).await?;
+    Ok(send)
 }
 
 /// One control message and its answer (if it has one), within the control deadline.

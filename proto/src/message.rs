@@ -21,19 +21,25 @@ use crate::piece::{PieceHash, PieceIndex, PieceLayout};
 /// set may travel as the gaps between its pieces ([`PieceSet`]), and a task's parents name
 /// only pieces the asker lacks. 6: an answer leaves out the blob's digest and layout (the
 /// node knows them from its `Want`: the layout follows from the length, [`Task`]), parents
-/// are named by address alone ([`Parent`]), and so is a peer reported for bad data.
+/// are named by address alone ([`Parent`]), and so is a peer reported for bad data; a
+/// node's announcements travel as frames on one stream ([`StreamKind::Announce`]).
 pub const ALPN: &[u8] = b"shoal/6";
 
 /// QUIC send priority of control streams, above piece streams (0) on the same connection.
 pub const CONTROL_PRIORITY: i32 = 1;
 
 /// The first byte of every bidirectional stream says what it carries: a control request
-/// (to a supernode) or a piece request (to any node, the seed included).
+/// (to a supernode), a piece request (to any node, the seed included), or a node's
+/// announcements to a supernode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum StreamKind {
     Control = 1,
     Piece = 2,
+    /// `Have` frames, one after another, for as long as the node is connected: a node
+    /// announces new pieces every few milliseconds, and a stream each was the supernode's
+    /// cost (`cargo bench --bench announce`).
+    Announce = 3,
 }
 
 impl StreamKind {
@@ -41,6 +47,7 @@ impl StreamKind {
         match b {
             1 => Some(Self::Control),
             2 => Some(Self::Piece),
+            3 => Some(Self::Announce),
             _ => None,
         }
     }

@@ -16,7 +16,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
 use shoal_proto::frame::{self, FrameDecoder, MAX_FRAME};
 use shoal_proto::message::{
-    CONTROL_PRIORITY, FromSupernode, NodeId, StreamKind, Task, ToSupernode,
+    CONTROL_PRIORITY, FromSupernode, NodeId, StreamKind, Task, ToSupernode, Uploads,
 };
 use shoal_proto::{PieceIndex, PieceLayout};
 use shoal_registry_proxy::{Upstream, UpstreamConfig};
@@ -244,6 +244,7 @@ async fn accept_quic(endpoint: Endpoint, state: Arc<State>) {
                             .await
                             .map_err(|e| e.to_string()),
                         Some(StreamKind::Control) => control(&state, node, send, recv).await,
+                        Some(StreamKind::Announce) => announcements(&state, node, recv).await,
                         None => Err("unknown stream kind".into()),
                     };
                     if let Err(e) = result {
@@ -312,11 +313,7 @@ async fn control(
             pieces,
             uploads,
         } => {
-            let mut scheduler = state.scheduler();
-            scheduler
-                .have(now, node, &digest, &pieces)
-                .map_err(|e| e.to_string())?;
-            scheduler.uploads(now, node, uploads);
+            have(state, node, now, &digest, &pieces, uploads)?;
             None
         }
         ToSupernode::BadPiece { peer, .. } => {
@@ -350,6 +347,56 @@ async fn control(
         send.write_all(&bytes).await.map_err(|e| e.to_string())?;
     }
     send.finish().map_err(|e| e.to_string())
+}
+
+/// A node's announcements, frames on one stream for as long as it is connected. One
+/// that cannot be taken (a blob the supernode forgot since) is skipped: the next ones may
+/// be fine, and the node hears of it at its next question.
+async fn announcements(
+    state: &State,
+    node: NodeId,
+    mut recv: quinn::RecvStream,
+) -> Result<(), String> {
+    let mut decoder = FrameDecoder::default();
+    while let Some(chunk) = recv
+        .read_chunk(64 * 1024, true)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        decoder.push(&chunk.bytes);
+        while let Some(msg) = decoder.decode::<ToSupernode>().map_err(|e| e.to_string())? {
+            msg.validate().map_err(|e| e.to_string())?;
+            let ToSupernode::Have {
+                digest,
+                pieces,
+                uploads,
+            } = msg
+            else {
+                return Err("not an announcement on the announcement stream".into());
+            };
+            if let Err(e) = have(state, node, Instant::now(), &digest, &pieces, uploads) {
+                tracing::debug!(node = node.0, error = %e, "announcement not taken");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `node` holds these pieces now, and is this busy uploading.
+fn have(
+    state: &State,
+    node: NodeId,
+    now: Instant,
+    digest: &shoal_proto::BlobDigest,
+    pieces: &[PieceIndex],
+    uploads: Uploads,
+) -> Result<(), String> {
+    let mut scheduler = state.scheduler();
+    scheduler
+        .have(now, node, digest, pieces)
+        .map_err(|e| e.to_string())?;
+    scheduler.uploads(now, node, uploads);
+    Ok(())
 }
 
 async fn want(
