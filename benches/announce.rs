@@ -41,9 +41,9 @@ fn control(msg: &ToSupernode) -> Vec<u8> {
 
 /// `NODES` connections to `addr`, each with an identity from `ca`; each says hello and
 /// holds the blob first when `hello` (so that its announcements reach a task).
-async fn nodes(ca: &ClusterCa, addr: SocketAddr, hello: bool) -> Vec<quinn::Connection> {
+async fn nodes(ca: &ClusterCa, addr: SocketAddr, hello: bool) -> Nodes {
     let digest = BlobDigest::of(b"announced blob");
-    let mut conns = Vec::new();
+    let mut nodes = Nodes::default();
     for i in 0..NODES {
         let node = NodeId(1_000 + i as u64);
         let identity = ca.issue(node).expect("identity");
@@ -62,11 +62,17 @@ async fn nodes(ca: &ClusterCa, addr: SocketAddr, hello: bool) -> Vec<quinn::Conn
             };
             exchange(&conn, &control(&holding)).await;
         }
-        // The endpoint lives as long as its connection.
-        std::mem::forget(endpoint);
-        conns.push(conn);
+        nodes.conns.push(conn);
+        nodes.endpoints.push(endpoint);
     }
-    conns
+    nodes
+}
+
+/// Connections to one server, and the endpoints they live on.
+#[derive(Default)]
+struct Nodes {
+    conns: Vec<quinn::Connection>,
+    endpoints: Vec<Endpoint>,
 }
 
 /// Runs `job(connection, announcements)` on every connection at once, `total`
@@ -181,14 +187,14 @@ fn announcements(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     g.bench_function(
         "a stream each, read and dropped (raw limit of a stream each)",
-        |b| b.iter_custom(|iters| rt.block_on(timed(&to_sink, iters, a_stream_each))),
+        |b| b.iter_custom(|iters| rt.block_on(timed(&to_sink.conns, iters, a_stream_each))),
     );
     g.bench_function("shoal-supernode, a stream each", |b| {
-        b.iter_custom(|iters| rt.block_on(timed(&to_supernode, iters, a_stream_each)))
+        b.iter_custom(|iters| rt.block_on(timed(&to_supernode.conns, iters, a_stream_each)))
     });
     g.bench_function(
         "shoal-supernode, frames on one stream per node (shoald)",
-        |b| b.iter_custom(|iters| rt.block_on(timed(&to_supernode, iters, one_stream))),
+        |b| b.iter_custom(|iters| rt.block_on(timed(&to_supernode.conns, iters, one_stream))),
     );
     g.finish();
     drop(supernode);
