@@ -90,7 +90,7 @@ pub enum Failure {
 
 #[derive(Debug)]
 struct ParentState {
-    node: SocketAddr,
+    addr: SocketAddr,
     pieces: PieceSet,
     in_flight: u32,
     rested_until: Option<Instant>,
@@ -207,7 +207,7 @@ impl Planner {
                 None => {
                     let Some(at) = self.free_slot() else { continue };
                     self.parents[at] = Some(ParentState {
-                        node: p.addr,
+                        addr: p.addr,
                         pieces: PieceSet::empty(count),
                         in_flight: 0,
                         rested_until: None,
@@ -249,10 +249,10 @@ impl Planner {
     }
 
     /// A parent, looked for first in the slot it had.
-    fn parent_in(&mut self, node: SocketAddr, at: usize) -> Option<&mut ParentState> {
+    fn parent_in(&mut self, addr: SocketAddr, at: usize) -> Option<&mut ParentState> {
         let at = match self.parents.get(at) {
-            Some(Some(p)) if p.node == node => at,
-            _ => *self.parent_at.get(&node)?,
+            Some(Some(p)) if p.addr == addr => at,
+            _ => *self.parent_at.get(&addr)?,
         };
         self.parents[at].as_mut()
     }
@@ -554,7 +554,7 @@ impl Planner {
             return;
         };
         self.ranked_stale = true;
-        self.parent_at.remove(&p.node);
+        self.parent_at.remove(&p.addr);
         for piece in p.pieces.iter_without(&self.have, &self.have) {
             note_holder(&mut self.holding, &mut self.held, piece, at, false);
         }
@@ -565,7 +565,7 @@ impl Planner {
     }
 
     fn usable(&self, now: Instant, p: &ParentState) -> bool {
-        !self.banned.contains(&p.node) && p.rested_until.is_none_or(|t| now >= t)
+        !self.banned.contains(&p.addr) && p.rested_until.is_none_or(|t| now >= t)
     }
 
     /// Among the parents that may be asked (`free`), the least busy that holds `piece`:
@@ -586,9 +586,9 @@ impl Planner {
             };
             // Least busy first; ties broken differently on every node, or all nodes would
             // crowd the same parent (the one with the lowest id).
-            let key = (p.in_flight, self.spread(p.node));
+            let key = (p.in_flight, self.spread(p.addr));
             if best.is_none_or(|(k, ..)| key < k) {
-                best = Some((key, at, p.node));
+                best = Some((key, at, p.addr));
             }
         }
         best.map(|(_, at, node)| (at, node))
