@@ -3,8 +3,8 @@
 //!   QUIC-sized chunks (`matches_chunks`), vs `blake3::hash` of the same bytes;
 //! - the store: writing a 64 MiB blob at piece offsets and committing it (fsync, rename),
 //!   vs `std::fs::write` + `sync_all` of the same bytes; reading it back vs a plain read;
-//! - framing: encode and decode of a `Task` with 1024 piece hashes and 4 parents, vs
-//!   postcard alone;
+//! - framing: encode and decode of a `Task` with the 32 group hashes of a 1 GiB blob and
+//!   4 parents, vs postcard alone;
 //! - the scheduler: parent decisions per second for a task with 10,000 peers.
 //!
 //! `cargo bench --bench core` (add `-- --quick` for a short run).
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use shoal_proto::frame::{FrameDecoder, MAX_FRAME, encode};
 use shoal_proto::message::{FromSupernode, NodeId, Parent, PieceSet, Task};
-use shoal_proto::{BlobDigest, PieceHash, PieceIndex, PieceLayout};
+use shoal_proto::{BlobDigest, GroupHash, PieceHash, PieceIndex, PieceLayout};
 use shoal_supernode::{Scheduler, SchedulerConfig};
 
 const PIECE: usize = 1 << 20;
@@ -102,9 +102,8 @@ fn store(c: &mut Criterion) {
 
 fn task() -> FromSupernode {
     let layout = PieceLayout::for_blob(1 << 30).unwrap();
-    let hashes = layout
-        .pieces()
-        .map(|i| PieceHash::of(&i.0.to_le_bytes()))
+    let groups = (0..layout.groups())
+        .map(|g| GroupHash::of(&[PieceHash::of(&g.to_le_bytes())]))
         .collect();
     let parents = (0..4)
         .map(|n| Parent {
@@ -113,8 +112,8 @@ fn task() -> FromSupernode {
         })
         .collect();
     FromSupernode::Task(Task {
-        hashes_from: 0,
-        hashes,
+        groups_from: 0,
+        groups,
         parents,
     })
 }
@@ -122,7 +121,7 @@ fn task() -> FromSupernode {
 fn framing(c: &mut Criterion) {
     let msg = task();
     let framed = encode(&msg);
-    let mut g = c.benchmark_group("framing (Task: 1024 hashes, 4 parents)");
+    let mut g = c.benchmark_group("framing (Task: 32 group hashes, 4 parents)");
     g.throughput(Throughput::Bytes(framed.len() as u64));
     g.bench_function("raw postcard::to_allocvec", |b| {
         b.iter(|| postcard::to_allocvec(&msg).unwrap())

@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use futures_util::StreamExt as _;
 use shoal_proto::message::NodeId;
 use shoal_proto::{BlobDigest, PieceLayout};
-use shoal_transport::pieces::{PieceLookup, fetch_piece, serve_pieces};
+use shoal_transport::pieces::{Found, GroupHashes, PieceLookup, fetch_piece, serve_pieces};
 use shoal_transport::{ClusterCa, Endpoint};
 
 use crate::image::{Image, LayerSpec};
@@ -101,12 +101,14 @@ async fn one_hop(holder: &Endpoint, asker: &Endpoint, len: u64) -> anyhow::Resul
     }
     let file = Arc::new(file);
     let digest = BlobDigest::of(b"bench");
-    let lookup: PieceLookup = Arc::new(move |d, i| {
-        if *d == digest {
-            Some((file.clone(), layout.range(i).ok()?))
-        } else {
-            None
-        }
+    let lookup: PieceLookup = Arc::new(move |d, i, _| {
+        (*d == digest).then(|| {
+            Some(Found {
+                file: file.clone(),
+                range: layout.range(i).ok()?,
+                hashes: GroupHashes::None,
+            })
+        })?
     });
     let server = holder.clone();
     let serving = tokio::spawn(async move {
@@ -123,7 +125,7 @@ async fn one_hop(holder: &Endpoint, asker: &Endpoint, len: u64) -> anyhow::Resul
     let (conn, _) = asker.connect(holder.local_addr()?).await?;
     let mut moved = 0u64;
     let mut pieces = futures_util::stream::iter(layout.pieces())
-        .map(|i| fetch_piece(&conn, digest, i, layout.len_of(i).unwrap_or(0)))
+        .map(|i| fetch_piece(&conn, digest, i, layout.len_of(i).unwrap_or(0), false))
         .buffer_unordered(8);
     while let Some(piece) = pieces.next().await {
         moved += piece?.len as u64;

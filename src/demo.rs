@@ -100,6 +100,12 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The metrics text of the daemon or supernode API at `base` (`http://host:port`).
+pub async fn metrics_text(client: &reqwest::Client, base: &str) -> anyhow::Result<String> {
+    let resp = client.get(format!("{base}/metrics")).send().await?;
+    Ok(resp.error_for_status()?.text().await?)
+}
+
 /// The `shoald_blob_bytes_served_total{source=…}` value in a metrics text.
 pub fn served_from(metrics: &str, source: &str) -> u64 {
     sample(

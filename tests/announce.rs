@@ -92,7 +92,8 @@ fn announcements_on_one_stream_make_their_node_a_parent() {
                 repository: REPO.into(),
                 authorization: None,
             },
-            known_hashes: 0,
+            known_groups: 0,
+            hold: true,
         };
         let a = Node::join(&sn, 1).await;
         assert!(matches!(a.ask(&want).await, Some(FromSupernode::Task(_))));

@@ -64,6 +64,23 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// Pushes `blob` to the registry and starts a supernode for it; returns the supernode,
+/// the daemons' list of supernodes and the join token.
+async fn blob_swarm(
+    client: &reqwest::Client,
+    dir: &std::path::Path,
+    registry: &Registry,
+    blob: &Blob,
+) -> (Supernode, Vec<String>, String) {
+    shoal::registry::push_blob(client, &registry.url(), REPO, blob, None)
+        .await
+        .unwrap();
+    let sn = supernode(dir, registry).await;
+    let supernodes = vec![sn.quic_addr.to_string()];
+    let token = sn.join_token.to_string();
+    (sn, supernodes, token)
+}
+
 /// Starts a shoald in the swarm; returns its URL and a stopper.
 async fn daemon(
     dir: &std::path::Path,
@@ -120,19 +137,68 @@ fn eight_daemons_pull_one_blob_and_the_registry_sends_it_about_once() {
         let mut from_peers = 0;
         let mut from_seed = 0;
         for (url, _) in &daemons {
-            let m = client.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
+            let m = shoal::demo::metrics_text(&client, url).await.unwrap();
             from_peers += shoal::demo::fetched_from(&m, "Peer");
             from_seed += shoal::demo::fetched_from(&m, "Seed");
         }
-        let m = client.get(format!("http://{}/metrics", sn.api_addr)).send().await.unwrap().text().await.unwrap();
+        let m = shoal::demo::metrics_text(&client, &format!("http://{}", sn.api_addr)).await.unwrap();
         let answers = shoal::demo::supernode_answer_bytes(&m);
         println!("registry sent {sent} bytes for a {len}-byte blob; daemons got {from_peers} from peers, {from_seed} from the seed; the supernode answered with {answers} bytes");
-        // Every daemon asked at least once and got the blob's hashes: 32 bytes a piece.
-        let pieces = shoal_proto::PieceLayout::for_blob(len).unwrap().count() as u64;
-        assert!(answers >= 8 * 32 * pieces, "{answers} bytes of answers\n{m}");
+        // Every daemon asked at least once and got the blob's group hashes: 32 bytes a
+        // group (here of one piece).
+        let groups = shoal_proto::PieceLayout::for_blob(len).unwrap().groups() as u64;
+        assert!(answers >= 8 * 32 * groups, "{answers} bytes of answers\n{m}");
         assert!(sent as f64 <= 1.05 * len as f64, "registry sent {sent} bytes for a {len}-byte blob");
         assert!(from_peers > 0, "no bytes came from peers");
         drop(sn);
+    });
+}
+
+/// A node that holds a whole blob (its pull over, the blob in its store) passes on the
+/// piece hashes of a group with a piece, read from the blob: a later node takes pieces from
+/// it and checks them against the supernode's group hashes. 256 MiB: 256 pieces in groups
+/// of two (smaller blobs have groups of one piece).
+#[test]
+fn a_node_holding_a_whole_blob_passes_on_its_pieces_with_their_hashes() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path(), &[]);
+    let blob = random_blob(256 << 20, 7);
+    let layout = shoal_proto::PieceLayout::for_blob(blob.bytes.len() as u64).unwrap();
+    assert_eq!(layout.group_pieces(), 2);
+    let rt = rt();
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        let (sn, supernodes, token) = blob_swarm(&client, dir.path(), &registry, &blob).await;
+        let digest = blob.digest;
+        let url = |base: &str| format!("{base}/v2/{REPO}/blobs/{digest}?ns={}", registry.addr);
+        // One node after the other: the second finds the first holding the whole blob.
+        let mut daemons = Vec::new();
+        for i in 0..2 {
+            let (base, stop) = daemon(dir.path(), i, &registry.addr, &supernodes, &token).await;
+            let blob_url = url(&base);
+            let pull = shoal::registry::fetch_verified(&client, &blob_url, &digest);
+            tokio::time::timeout(HANG, pull)
+                .await
+                .expect("pull hung")
+                .unwrap();
+            daemons.push((base, stop));
+        }
+        let second = &daemons[1].0;
+        let m = shoal::demo::metrics_text(&client, second).await.unwrap();
+        let (from_peers, from_seed) = (
+            shoal::demo::fetched_from(&m, "Peer"),
+            shoal::demo::fetched_from(&m, "Seed"),
+        );
+        println!(
+            "the second node got {from_peers} bytes from the first, {from_seed} from the seed"
+        );
+        assert!(
+            from_peers > 0,
+            "no piece came from the node holding the blob\n{m}"
+        );
+        assert_eq!(from_peers + from_seed, blob.bytes.len() as u64, "{m}");
+        let status = self::status(&client, &sn).await;
+        assert_eq!(status["banned"], 0, "{status}");
     });
 }
 
@@ -165,13 +231,16 @@ fn an_unreachable_supernode_falls_back_to_the_registry() {
 }
 
 /// A node built to lie: it tells the supernode it holds every piece of `digest` and
-/// answers every piece request with bytes of the right length but the wrong content.
+/// answers every piece request with bytes of the right length but the wrong content, and
+/// with the true piece hashes of the group when asked (so that its lie is found by the
+/// piece's own hash, not by its group's).
 async fn corrupting_peer(
     sn: &Supernode,
     registry: &Registry,
     digest: BlobDigest,
-    len: u64,
+    blob: &[u8],
 ) -> (shoal_transport::Endpoint, quinn::Connection) {
+    let len = blob.len() as u64;
     use shoal_proto::frame;
     use shoal_proto::message::{NodeId, Origin, StreamKind, ToSupernode, Uploads};
     let me = NodeId(0xbad);
@@ -182,8 +251,27 @@ async fn corrupting_peer(
     garbage.set_len(len).unwrap();
     let garbage = Arc::new(garbage);
     let layout = shoal_proto::PieceLayout::for_blob(len).unwrap();
-    let lookup: shoal_transport::pieces::PieceLookup =
-        Arc::new(move |_, i| Some((garbage.clone(), layout.range(i).ok()?)));
+    let hashes: Vec<shoal_proto::PieceHash> = layout
+        .pieces()
+        .map(|i| {
+            let r = layout.range(i).unwrap();
+            shoal_proto::PieceHash::of(&blob[r.start as usize..r.end as usize])
+        })
+        .collect();
+    let lookup: shoal_transport::pieces::PieceLookup = Arc::new(move |_, i, asked| {
+        let group = layout.group_range(layout.group_of(i));
+        let group = hashes
+            .get(group.start as usize..group.end as usize)?
+            .to_vec();
+        Some(shoal_transport::pieces::Found {
+            file: garbage.clone(),
+            range: layout.range(i).ok()?,
+            hashes: match asked {
+                true => shoal_transport::pieces::GroupHashes::Known(group),
+                false => shoal_transport::pieces::GroupHashes::None,
+            },
+        })
+    });
     let accept = endpoint.clone();
     let uploads = shoal_transport::pieces::UploadLimits::new(64, 0, 0);
     tokio::spawn(async move {
@@ -212,7 +300,8 @@ async fn corrupting_peer(
             digest,
             len,
             origin,
-            known_hashes: 0,
+            known_groups: 0,
+            hold: true,
         },
         ToSupernode::Have {
             digest,
@@ -240,16 +329,10 @@ fn a_corrupting_peer_is_banned_and_pulls_still_complete() {
     let rt = rt();
     rt.block_on(async {
         let client = reqwest::Client::new();
-        shoal::registry::push_blob(&client, &registry.url(), REPO, &blob, None)
-            .await
-            .unwrap();
-        let sn = supernode(dir.path(), &registry).await;
-        let supernodes = vec![sn.quic_addr.to_string()];
-        let token = sn.join_token.to_string();
-        let len = blob.bytes.len() as u64;
+        let (sn, supernodes, token) = blob_swarm(&client, dir.path(), &registry, &blob).await;
         let digest = blob.digest;
         let url = |base: &str| format!("{base}/v2/{REPO}/blobs/{digest}?ns={}", registry.addr);
-        let _liar = corrupting_peer(&sn, &registry, digest, len).await;
+        let _liar = corrupting_peer(&sn, &registry, digest, &blob.bytes).await;
         let mut daemons = Vec::new();
         let mut stops = Vec::new();
         for i in 0..4 {

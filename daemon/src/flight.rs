@@ -7,7 +7,6 @@
 //! the partial file up to what has been written. Only after the sha256 matches is the blob
 //! [`FlightState::Verified`] and committed to the store; a mismatch discards it.
 
-use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,11 +15,12 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use http::{Method, StatusCode};
 use sha2::{Digest as _, Sha256};
-use shoal_proto::message::PieceSet;
-use shoal_proto::{BlobDigest, PieceIndex, PieceLayout};
+use shoal_proto::{BlobDigest, PieceIndex};
 use shoal_registry_proxy::{ForwardHeaders, Registry, Upstream};
+use shoal_transport::pieces::{Found, GroupHashes};
 use tokio::sync::{mpsc, watch};
 
+use crate::hashes::Checked;
 use crate::metrics::{Metrics, Source};
 use crate::p2p::{P2pFetch, Verdict};
 use crate::store::{PartialBlob, Store, StoreError};
@@ -64,8 +64,9 @@ pub struct Flight {
     pub len: u64,
     pub file: Arc<std::fs::File>,
     state: watch::Receiver<FlightState>,
-    /// On the swarm path: the verified pieces, which peers may have while the flight runs.
-    pieces: Arc<Mutex<Option<(PieceLayout, PieceSet)>>>,
+    /// On the swarm path: the verified pieces and their hashes, which peers may have while
+    /// the flight runs.
+    pieces: Arc<Mutex<Option<Checked>>>,
 }
 
 impl Flight {
@@ -75,12 +76,20 @@ impl Flight {
     }
 
     /// The byte range of a piece this flight holds and has checked, for a peer.
-    pub fn piece(&self, index: PieceIndex) -> Option<Range<u64>> {
+    ///
+    /// With `hashes`, also the piece hashes of its group (known for every checked piece).
+    pub fn piece(&self, index: PieceIndex, hashes: bool) -> Option<Found> {
         let pieces = self.pieces.lock().unwrap_or_else(|p| p.into_inner());
-        let (layout, set) = pieces.as_ref()?;
-        set.contains(index)
-            .then(|| layout.range(index).ok())
-            .flatten()
+        let checked = pieces.as_ref()?;
+        if !checked.have.contains(index) {
+            return None;
+        }
+        let group = hashes.then(|| checked.hashes.group_of(index)).flatten();
+        Some(Found {
+            file: self.file.clone(),
+            range: checked.hashes.layout().range(index).ok()?,
+            hashes: group.map_or(GroupHashes::None, |g| GroupHashes::Known(g.to_vec())),
+        })
     }
 }
 
@@ -176,7 +185,7 @@ struct FetchTask {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     swarm: Option<Arc<Swarm>>,
-    pieces: Arc<Mutex<Option<(PieceLayout, PieceSet)>>>,
+    pieces: Arc<Mutex<Option<Checked>>>,
 }
 
 impl FetchTask {

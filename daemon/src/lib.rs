@@ -12,6 +12,8 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`planner`]: the downloader's sans-IO core: which piece to ask which parent for.
 //! - [`p2p`]: the swarm path of a flight: pieces from peers and the seed, checked, written.
+//! - [`hashes`]: the piece hashes a pull knows: group hashes from the supernode, piece hashes
+//!   from parents once they match.
 //! - [`swarm`]: the node's identity, supernode and peer connections, and its piece server.
 //! - [`containerd`]: `shoald configure-containerd`, which writes `hosts.toml`.
 #![forbid(unsafe_code)]
@@ -22,6 +24,7 @@ pub mod config;
 pub mod containerd;
 pub mod dial;
 pub mod flight;
+pub mod hashes;
 pub mod metrics;
 pub mod p2p;
 pub mod planner;
@@ -179,20 +182,31 @@ impl RunningDaemon {
     }
 }
 
-/// Where the peer server finds pieces: a flight's checked pieces, or a complete blob.
+/// Where the peer server finds pieces (and their groups' hashes): a flight's checked
+/// pieces, or a complete blob, whose piece hashes are read from its file when asked for.
 fn piece_lookup(app: &Arc<server::App>) -> shoal_transport::pieces::PieceLookup {
+    use shoal_transport::pieces::{Found, GroupHashes};
     let app = app.clone();
-    Arc::new(move |digest, index| {
+    Arc::new(move |digest, index, hashes| {
         if let Some(flight) = app.flights.get(digest)
-            && let Some(range) = flight.piece(index)
+            && let Some(found) = flight.piece(index, hashes)
         {
-            return Some((flight.file.clone(), range));
+            return Some(found);
         }
         let stored = app.store.open_complete(digest)?;
-        let range = shoal_proto::PieceLayout::for_blob(stored.len)
-            .ok()?
-            .range(index)
-            .ok()?;
-        Some((stored.file, range))
+        let layout = shoal_proto::PieceLayout::for_blob(stored.len).ok()?;
+        let range = layout.range(index).ok()?;
+        let hashes = if hashes {
+            let group = layout.group_range(layout.group_of(index));
+            let ranges = group.map(|i| layout.range(shoal_proto::PieceIndex(i)));
+            GroupHashes::FromFile(ranges.collect::<Result<_, _>>().ok()?)
+        } else {
+            GroupHashes::None
+        };
+        Some(Found {
+            file: stored.file,
+            range,
+            hashes,
+        })
     })
 }

@@ -1,5 +1,6 @@
 //! The swarm path of a flight: pieces from peers and the seed, checked against their BLAKE3
-//! hashes, written at their offsets, announced to the supernode, and streamed to clients as
+//! hashes (learnt from parents, checked against the supernode's group hashes:
+//! [`crate::hashes`]), written at their offsets, announced to the supernode, and streamed to clients as
 //! they become contiguous. The [`Planner`] decides; this driver moves bytes. Pieces no peer
 //! can give (or all of them, when progress stalls) come from the registry.
 
@@ -10,14 +11,15 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use http::{HeaderValue, Method, StatusCode};
 use sha2::{Digest as _, Sha256};
-use shoal_proto::message::{FromSupernode, Origin, PieceSet, Task, ToSupernode};
-use shoal_proto::{BlobDigest, PieceHash, PieceIndex, PieceLayout};
+use shoal_proto::message::{FromSupernode, Origin, Task, ToSupernode};
+use shoal_proto::{BlobDigest, PieceIndex, PieceLayout};
 use shoal_registry_proxy::Upstream;
 use shoal_transport::pieces::{Piece, PieceError, fetch_piece};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::flight::{FetchRequest, FlightState};
+use crate::hashes::{Checked, HashError};
 use crate::metrics::{Metrics, Source};
 use crate::planner::{Failure, Planner, PlannerConfig, Request};
 use crate::store::PartialBlob;
@@ -61,8 +63,9 @@ pub struct P2pFetch<'a> {
     pub req: &'a FetchRequest,
     pub partial: &'a PartialBlob,
     pub tx: &'a watch::Sender<FlightState>,
-    /// Verified pieces, which this node serves to peers while the flight runs.
-    pub pieces: &'a Mutex<Option<(PieceLayout, PieceSet)>>,
+    /// Verified pieces and their hashes, which this node serves to peers while the flight
+    /// runs.
+    pub pieces: &'a Mutex<Option<Checked>>,
 }
 
 struct PieceResult {
@@ -99,8 +102,8 @@ impl P2pFetch<'_> {
         let (mut supernode, reply) = self.swarm.want(req.digest, req.len, &origin).await?;
         self.note_round_trip(supernode);
         let Task {
-            hashes_from,
-            hashes: more,
+            groups_from,
+            groups,
             parents,
         } = match checked(Some(reply), layout)? {
             Some(FromSupernode::Task(task)) => task,
@@ -110,12 +113,12 @@ impl P2pFetch<'_> {
             None => anyhow::bail!("supernode sent no task"),
         };
         let now = Instant::now();
-        let mut hashes = Vec::new();
-        extend_hashes(&mut hashes, hashes_from, more, layout.count());
+        let mut served = Checked::new(layout);
+        served.hashes.add_groups(groups_from, groups);
         let mut planner = Planner::new(PlannerConfig::default(), layout, self.swarm.me, now);
-        planner.hashes_known(hashes.len() as u32);
+        planner.hashes_known(served.hashes.pieces_known());
         planner.offer(parents);
-        *self.lock_pieces() = Some((layout, PieceSet::empty(layout.count())));
+        *self.lock_pieces() = Some(served);
         self.tx.send_replace(FlightState::Running { written: 0 });
 
         let mut jobs: JoinSet<PieceResult> = JoinSet::new();
@@ -165,7 +168,7 @@ impl P2pFetch<'_> {
                             self.metrics.peer_round_trip(rtt);
                         }
                     }
-                    let bytes = match done.bytes {
+                    let mut bytes = match done.bytes {
                         Ok(bytes) => bytes,
                         Err(e) => {
                             tracing::debug!(piece = done.piece.0, from = ?done.from, error = %e, "piece failed");
@@ -180,14 +183,32 @@ impl P2pFetch<'_> {
                             continue;
                         }
                     };
-                    let hash = hashes.get(done.piece.0 as usize);
-                    if let (Some(hash), From::Peer(peer)) = (hash, done.from)
-                        && !hash.matches_chunks(&bytes.chunks)
-                    {
-                        tracing::warn!(%peer, piece = done.piece.0, digest = %req.digest, "peer sent a bad piece; dropped and reported");
-                        planner.failed(now, done.piece, Failure::BadData);
-                        self.swarm.notify(supernode, ToSupernode::BadPiece { digest: req.digest, peer, piece: done.piece });
-                        continue;
+                    // A piece is passed on only once checked against its hash: a registry
+                    // piece too (when its group's hashes are known), so that a node never
+                    // serves what it could not check.
+                    let offered = std::mem::take(&mut bytes.hashes);
+                    let expected = self.with_checked(|c| match done.from {
+                        From::Peer(..) => c.hashes.expected(done.piece, offered),
+                        From::Registry => c.hashes.piece_hash(done.piece).ok_or(HashError::GroupUnknown(done.piece)),
+                    });
+                    let verdict = expected
+                        .unwrap_or(Err(HashError::GroupUnknown(done.piece)))
+                        .and_then(|h| if h.matches_chunks(&bytes.chunks) { Ok(()) } else { Err(HashError::PieceMismatch(done.piece)) });
+                    let hash_checked = verdict.is_ok();
+                    match (verdict, done.from) {
+                        (Err(HashError::GroupUnknown(_)), From::Peer(_)) => {
+                            // Asked before its group hash came (cannot happen: the planner
+                            // asks only for pieces with one): not the peer's fault.
+                            planner.failed(now, done.piece, Failure::Unavailable);
+                            continue;
+                        }
+                        (Err(e), From::Peer(peer)) => {
+                            tracing::warn!(%peer, piece = done.piece.0, digest = %req.digest, error = %e, "peer sent a bad piece; dropped and reported");
+                            planner.failed(now, done.piece, Failure::BadData);
+                            self.swarm.notify(supernode, ToSupernode::BadPiece { digest: req.digest, peer, piece: done.piece });
+                            continue;
+                        }
+                        _ => {}
                     }
                     let offset = layout.range(done.piece).map_err(anyhow::Error::from)?.start;
                     let file = self.partial.file().clone();
@@ -216,10 +237,8 @@ impl P2pFetch<'_> {
                     self.metrics.fetched(source, len);
                     planner.done(now, done.piece);
                     // Only pieces checked against a hash are offered to others.
-                    if hash.is_some() {
-                        if let Some((_, set)) = self.lock_pieces().as_mut() {
-                            set.insert(done.piece);
-                        }
+                    if hash_checked {
+                        self.with_checked(|c| c.have.insert(done.piece));
                         announce.push(done.piece);
                     }
                     while prefix < layout.count() && planner.have().contains(PieceIndex(prefix)) {
@@ -249,7 +268,9 @@ impl P2pFetch<'_> {
                         digest: req.digest,
                         len: req.len,
                         origin: origin.clone(),
-                        known_hashes: hashes.len() as u32,
+                        known_groups: self.with_checked(|c| c.hashes.groups_known()).unwrap_or(0),
+                        // Every piece with a known hash is here: wait for more hashes.
+                        hold: self.with_checked(|c| c.hashes.pieces_known()).is_none_or(|known| prefix >= known),
                     };
                     let swarm = self.swarm.clone();
                     asking = Some(tokio::spawn(async move { swarm.control(supernode, &msg).await }));
@@ -258,17 +279,19 @@ impl P2pFetch<'_> {
                     asking = None;
                     let answer = answer.unwrap_or_else(|e| Err(e.into()));
                     match answer.and_then(|a| checked(a, layout)) {
-                        Ok(Some(FromSupernode::Task(Task { hashes_from, hashes: more, parents }))) => {
+                        Ok(Some(FromSupernode::Task(Task { groups_from, groups, parents }))) => {
                             self.note_round_trip(supernode);
                             supernode_lost = false;
                             supernode_failures = 0;
-                            if extend_hashes(&mut hashes, hashes_from, more, layout.count()) {
-                                planner.hashes_known(hashes.len() as u32);
-                            }
+                            let known = self.with_checked(|c| {
+                                c.hashes.add_groups(groups_from, groups);
+                                c.hashes.pieces_known()
+                            });
+                            planner.hashes_known(known.unwrap_or(0));
                             if std::mem::take(&mut took_over) {
                                 announce.clear();
-                                let checked = planner.have().iter().filter(|p| (p.0 as usize) < hashes.len());
-                                self.announce(supernode, checked.collect());
+                                let checked = self.with_checked(|c| c.have.iter().collect());
+                                self.announce(supernode, checked.unwrap_or_default());
                             }
                             planner.offer(parents);
                         }
@@ -342,8 +365,13 @@ impl P2pFetch<'_> {
         self.swarm.announce(supernode, msg);
     }
 
-    fn lock_pieces(&self) -> std::sync::MutexGuard<'_, Option<(PieceLayout, PieceSet)>> {
+    fn lock_pieces(&self) -> std::sync::MutexGuard<'_, Option<Checked>> {
         self.pieces.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `f` on what the flight has checked (set up once the supernode's first answer came).
+    fn with_checked<R>(&self, f: impl FnOnce(&mut Checked) -> R) -> Option<R> {
+        self.lock_pieces().as_mut().map(f)
     }
 
     fn spawn(&self, jobs: &mut JoinSet<PieceResult>, request: Request, layout: PieceLayout) {
@@ -355,6 +383,9 @@ impl P2pFetch<'_> {
             } => {
                 let swarm = self.swarm.clone();
                 let len = layout.len_of(piece).unwrap_or(0);
+                let hashes = self
+                    .with_checked(|c| c.hashes.lacks_group_of(piece))
+                    .unwrap_or(true);
                 jobs.spawn(async move {
                     if let Some(rate) = &swarm.download_rate {
                         rate.take(u64::from(len)).await;
@@ -363,7 +394,7 @@ impl P2pFetch<'_> {
                     let fetched = tokio::time::timeout(PIECE_DEADLINE, async {
                         let conn = swarm.conn(addr).await.map_err(|e| e.to_string())?;
                         let asked = Instant::now();
-                        let fetched = fetch_piece(&conn, digest, piece, len).await;
+                        let fetched = fetch_piece(&conn, digest, piece, len, hashes).await;
                         answered_in = match &fetched {
                             Ok(piece) => Some(piece.answered_in),
                             Err(PieceError::Busy) => Some(asked.elapsed()),
@@ -465,20 +496,8 @@ async fn registry_range(
     Ok(piece)
 }
 
-/// Adds to `known` (the hashes of the first pieces, in order) those of a supernode's answer
-/// that carries hashes from piece `from` on; returns whether any were new. An answer that
-/// starts past the known ones (a gap) or runs past the blob's `count` pieces adds nothing.
-fn extend_hashes(known: &mut Vec<PieceHash>, from: u32, more: Vec<PieceHash>, count: u32) -> bool {
-    let (from, have) = (from as usize, known.len());
-    if from > have || from + more.len() > count as usize || from + more.len() <= have {
-        return false;
-    }
-    known.extend(more.into_iter().skip(have - from));
-    true
-}
-
-/// The supernode's answer, refused when its task does not fit the blob's layout (hashes
-/// past the last piece, piece sets of another size): a supernode that sends such answers
+/// The supernode's answer, refused when its task does not fit the blob's layout (group
+/// hashes past the last group, piece sets of another size): a supernode that sends such answers
 /// is counted as failing, like one that does not answer.
 fn checked(
     answer: Option<FromSupernode>,
@@ -496,35 +515,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hashes_are_added_where_the_known_ones_end() {
-        let h = |i: u8| PieceHash([i; 32]);
-        let mut known = Vec::new();
-        assert!(extend_hashes(&mut known, 0, vec![h(0), h(1)], 5));
-        assert_eq!(known, vec![h(0), h(1)]);
-        // An answer overlapping what is known adds only the rest.
-        assert!(extend_hashes(&mut known, 1, vec![h(1), h(2)], 5));
-        assert_eq!(known, vec![h(0), h(1), h(2)]);
-        // Nothing new, a gap, or past the blob: nothing added.
-        assert!(!extend_hashes(&mut known, 3, vec![], 5));
-        assert!(!extend_hashes(&mut known, 1, vec![h(1)], 5));
-        assert!(!extend_hashes(&mut known, 4, vec![h(4)], 5));
-        assert!(!extend_hashes(&mut known, 3, vec![h(3), h(4), h(5)], 5));
-        assert_eq!(known.len(), 3);
-        assert!(extend_hashes(&mut known, 3, vec![h(3), h(4)], 5));
-        assert_eq!(known.len(), 5);
-    }
-
-    #[test]
     fn an_answer_that_does_not_fit_the_blob_is_refused() {
         let layout = PieceLayout::for_blob(3 << 20).unwrap();
-        let task = |hashes_from, n| {
+        let task = |groups_from, n| {
             Some(FromSupernode::Task(Task {
-                hashes_from,
-                hashes: vec![PieceHash([1; 32]); n],
+                groups_from,
+                groups: vec![shoal_proto::GroupHash([1; 32]); n],
                 parents: Vec::new(),
             }))
         };
-        let count = layout.count() as usize;
+        let count = layout.groups() as usize;
         assert!(checked(task(0, count), layout).is_ok());
         let err = checked(task(1, count), layout).unwrap_err();
         assert!(

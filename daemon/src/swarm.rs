@@ -221,7 +221,8 @@ impl Swarm {
             digest,
             len,
             origin: origin.clone(),
-            known_hashes: 0,
+            known_groups: 0,
+            hold: true,
         };
         let mut last = None;
         for supernode in self.ranked(&digest) {

@@ -102,10 +102,12 @@ mod tests {
             PeerRequest::Piece {
                 digest: BlobDigest::of(b"a"),
                 index: PieceIndex(3),
+                hashes: false,
             },
             PeerRequest::Piece {
                 digest: BlobDigest::of(b"b"),
                 index: PieceIndex(u32::MAX),
+                hashes: true,
             },
         ];
         let wire: Vec<u8> = msgs.iter().flat_map(|m| encode(m).to_vec()).collect();

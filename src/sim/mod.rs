@@ -305,7 +305,7 @@ struct Pull {
     answer_at: Option<u64>,
     lost: bool,
     done: bool,
-    /// Hashes the supernode's answers have given this pull so far.
+    /// Pieces whose group hashes the supernode's answers have given this pull so far.
     hashes_told: u32,
     /// What the planner asked for at the latest step, until the requests are sent.
     requests: Vec<Request>,
@@ -517,6 +517,8 @@ struct Outbound {
     haves: Vec<PieceIndex>,
     /// The node's upload slots in use when it sent this.
     sending: u16,
+    /// It asked to be held until there are more hashes.
+    hold: bool,
     answer_at: Option<u64>,
 }
 
@@ -915,8 +917,10 @@ impl Sim {
         if !self.sns[sn].alive {
             return;
         }
-        let mut haves = std::mem::take(&mut p.haves);
+        let haves = std::mem::take(&mut p.haves);
         let sending = self.uploads[p.node as usize];
+        // As the daemon does: a node with every piece it knows a hash of asks to be held.
+        let hold = p.prefix >= p.hashes_told;
         let at = tick(t + REFRESH);
         p.next_ask = at;
         self.asks.push(std::cmp::Reverse((at, pull)));
@@ -929,10 +933,21 @@ impl Sim {
                 sn,
                 haves,
                 sending,
+                hold,
                 answer_at: Some(answer_at),
             });
         } else {
-            self.question(t, pull, sn, &haves, sending, None);
+            let q = Outbound {
+                at: tick(t),
+                pull,
+                sn,
+                haves,
+                sending,
+                hold,
+                answer_at: None,
+            };
+            self.question(t, &q);
+            let mut haves = q.haves;
             haves.clear();
             self.pulls[pull as usize].haves = haves;
         }
@@ -941,15 +956,9 @@ impl Sim {
 
     /// A node's question reaches its supernode (with what it announces): the scheduler
     /// answers, at once or `answer_at`.
-    fn question(
-        &mut self,
-        t: f64,
-        pull: u32,
-        sn_index: usize,
-        haves: &[PieceIndex],
-        sending: u16,
-        answer_at: Option<u64>,
-    ) {
+    fn question(&mut self, t: f64, q: &Outbound) {
+        let (pull, sn_index, haves, sending) = (q.pull, q.sn, &q.haves[..], q.sending);
+        let (hold, answer_at) = (q.hold, q.answer_at);
         let now = self.now(t);
         let p = &mut self.pulls[pull as usize];
         let blob_index = p.blob;
@@ -980,15 +989,14 @@ impl Sim {
         if start_seed {
             self.seed_fetch(sn_index, blob_index, 0);
         }
-        // As the supernode does: a node that knows every hash the seed has, while it still
-        // reads, waits for the next one (and a little more), at most HOLD_WANT.
+        // As the supernode does: a node that knows every group hash the seed has, while it
+        // still reads, waits for the next one (and a little more), at most HOLD_WANT.
+        let hashes = self.hashed(sn_index, blob_index);
         let p = &mut self.pulls[pull as usize];
-        let hashes = self.sns[sn_index]
-            .seeded
-            .get(&blob_index)
-            .copied()
-            .unwrap_or(0);
-        if p.hashes_told >= hashes && hashes < self.blobs[blob_index as usize].layout.count() {
+        if hold
+            && p.hashes_told >= hashes
+            && hashes < self.blobs[blob_index as usize].layout.count()
+        {
             let until = t + HOLD_WANT.as_secs_f64();
             // Until then the node's next question waits (with the round trip back).
             p.answer_at = Some(tick(until + self.supernode_rtt) + 1);
@@ -1018,10 +1026,14 @@ impl Sim {
             .scheduler
             .parents(now, id, &blob.digest)
             .unwrap_or_default();
-        let hashes = sn.seeded.get(&blob_index).copied().unwrap_or(0);
-        let from = p.hashes_told.min(hashes);
+        let seeded = sn.seeded.get(&blob_index).copied().unwrap_or(0);
+        // Group hashes, as the supernode sends them (`hashes` counts the pieces they cover).
+        let layout = blob.layout;
+        let hashes = layout.pieces_in_groups(layout.whole_groups(seeded));
+        let from = layout.whole_groups(p.hashes_told.min(hashes));
         p.hashes_told = hashes;
-        let len = task_frame_len(from, (hashes - from) as usize, &parents) as u64;
+        let new = layout.whole_groups(hashes) - from;
+        let len = task_frame_len(from, new as usize, &parents) as u64;
         self.answer_bytes += len;
         self.answers_sent += 1;
         let slot = (t.max(0.0) as usize) * self.sns.len() + sn_index;
@@ -1081,6 +1093,14 @@ impl Sim {
     }
 
     /// The seed read a new piece of `blob`: questions held for it are answered soon.
+    /// Pieces of `blob` whose group hashes supernode `sn` has: those of the groups its seed
+    /// holds whole.
+    fn hashed(&self, sn: usize, blob: u32) -> u32 {
+        let layout = self.blobs[blob as usize].layout;
+        let seeded = self.sns[sn].seeded.get(&blob).copied().unwrap_or(0);
+        layout.pieces_in_groups(layout.whole_groups(seeded))
+    }
+
     fn release_held(&mut self, t: f64, sn: usize, blob: u32) {
         let gather = t + GATHER_HASHES.as_secs_f64();
         for h in &mut self.held {
@@ -1099,7 +1119,7 @@ impl Sim {
                 continue;
             }
             if m.answer_at.is_some() {
-                self.question(t, m.pull, m.sn, &m.haves, m.sending, m.answer_at);
+                self.question(t, &m);
             } else {
                 self.announce(t, m.pull, &m.haves, m.sending);
             }
@@ -1433,13 +1453,26 @@ impl Sim {
                 if !self.sns[sn].alive {
                     return None;
                 }
-                let digest = self.blobs[blob as usize].digest;
+                let (digest, layout) = {
+                    let b = &self.blobs[blob as usize];
+                    (b.digest, b.layout)
+                };
                 let seed = seed_id(sn);
                 let s = &mut self.sns[sn];
-                let _ = s.scheduler.have(now, seed, &digest, &[PieceIndex(piece)]);
                 s.seeded.insert(blob, piece + 1);
                 self.seed_fetch(sn, blob, piece + 1);
-                self.release_held(t, sn, blob);
+                // As the supernode does: the seed is offered for a group's pieces once the
+                // group is whole (its hash can go out).
+                let (before, after) = (layout.whole_groups(piece), layout.whole_groups(piece + 1));
+                if after > before {
+                    let whole: Vec<PieceIndex> = (layout.pieces_in_groups(before)
+                        ..layout.pieces_in_groups(after))
+                        .map(PieceIndex)
+                        .collect();
+                    let s = &mut self.sns[sn];
+                    let _ = s.scheduler.have(now, seed, &digest, &whole);
+                    self.release_held(t, sn, blob);
+                }
                 None
             }
             Tag::Piece {
@@ -1579,6 +1612,7 @@ impl Sim {
                     sn: p.sn,
                     haves,
                     sending,
+                    hold: false,
                     answer_at: None,
                 });
             } else {
@@ -1916,8 +1950,11 @@ mod tests {
     fn a_node_that_knows_every_hash_waits_for_the_next_one() {
         // The seed reads a 4 MiB blob (64 pieces) from a 2 mbit registry: a piece every
         // 0.26 s, slower than the nodes. Caught up, a node would ask every 25 ms (670
-        // times in the 17 s); the supernode holds such a question until the seed has a
-        // new hash (or 200 ms), as shoal-supernode does.
+        // times in the 17 s); the supernode holds a question from a node that has every
+        // piece it knows a hash of until the seed has a new hash (or 200 ms), as
+        // shoal-supernode does. A node still missing such a piece (a new one, which only
+        // the seed and a few nodes have yet) is answered at once, for fresh parents: 191
+        // questions per node here, against at most 149 when every question was held.
         let run = sim(
             "--nodes 20 --image-size 4MiB --bandwidth 100mbit --registry-bandwidth 2mbit \
              --baseline=",
@@ -1926,7 +1963,8 @@ mod tests {
         assert_eq!(out.failures, 0, "{}", run.table());
         assert!(out.completion_s.max > 16.0, "{}", run.table());
         let per_node = out.supernode_answers.unwrap() as f64 / 20.0;
-        let most = out.completion_s.max / HOLD_WANT.as_secs_f64() + 64.0;
+        let storm = out.completion_s.max / shoal_daemon::p2p::HUNGRY_ASK.as_secs_f64();
+        let most = storm / 3.0;
         assert!(
             per_node <= most,
             "{per_node} answers per node, more than {most:.0}\n{}",

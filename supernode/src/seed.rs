@@ -1,10 +1,10 @@
 //! The seed: the first time a blob is asked for, the supernode pulls it from the registry
 //! once, with the asking client's credentials (used for this fetch only, never logged or
-//! stored), hashes each piece as it streams in and publishes its hash at once, so that
-//! nodes fetch from the seed and from each other before the seed has the whole blob.
+//! stored), hashes each piece as it streams in and publishes each hash group
+//! ([`shoal_proto::group`]) as soon as its last piece is in, so that nodes fetch from the
+//! seed and from each other before the seed has the whole blob.
 
 use std::fs::File;
-use std::ops::Range;
 use std::os::unix::fs::FileExt as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -12,14 +12,17 @@ use std::sync::{Arc, Mutex};
 use http::{HeaderValue, Method, StatusCode};
 use sha2::{Digest as _, Sha256};
 use shoal_proto::message::Origin;
-use shoal_proto::{BlobDigest, PieceHash, PieceIndex, PieceLayout};
+use shoal_proto::{BlobDigest, GroupHash, PieceHash, PieceIndex, PieceLayout};
 use shoal_registry_proxy::{ForwardHeaders, Registry, Upstream};
+use shoal_transport::pieces::{Found, GroupHashes};
 
 /// What the seed has of a blob so far.
 #[derive(Debug, Clone, Default)]
 pub struct SeedProgress {
-    /// Hashes of the first `hashes.len()` pieces, which the seed holds.
-    pub hashes: Vec<PieceHash>,
+    /// The seed holds the first `pieces` pieces.
+    pub pieces: u32,
+    /// Hashes of the first `groups.len()` hash groups: those whose pieces it all holds.
+    pub groups: Vec<GroupHash>,
     pub state: SeedState,
 }
 
@@ -36,41 +39,83 @@ pub enum SeedState {
 pub struct SeedBlob {
     pub layout: PieceLayout,
     file: Arc<File>,
-    progress: Mutex<SeedProgress>,
+    inner: Mutex<Inner>,
     changed: tokio::sync::Notify,
 }
 
+#[derive(Debug, Default)]
+struct Inner {
+    progress: SeedProgress,
+    /// The hashes of the pieces the seed holds, in order.
+    hashes: Vec<PieceHash>,
+}
+
 impl SeedBlob {
+    fn new(layout: PieceLayout, file: File) -> Self {
+        Self {
+            layout,
+            file: Arc::new(file),
+            inner: Mutex::default(),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn progress(&self) -> SeedProgress {
-        self.progress
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.lock().progress.clone()
     }
 
-    /// The file and range of a piece the seed holds.
-    pub fn piece(&self, index: PieceIndex) -> Option<(Arc<File>, Range<u64>)> {
-        let have = self
-            .progress
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .hashes
-            .len() as u32;
-        (index.0 < have)
-            .then(|| Some((self.file.clone(), self.layout.range(index).ok()?)))
-            .flatten()
+    /// The file and range of a piece the seed holds, and with `hashes` the piece hashes
+    /// of its group (none until the whole group is in).
+    pub fn piece(&self, index: PieceIndex, hashes: bool) -> Option<Found> {
+        let inner = self.lock();
+        if index.0 >= inner.progress.pieces {
+            return None;
+        }
+        let group = self.layout.group_of(index);
+        let hashes = match hashes && group < inner.progress.groups.len() as u32 {
+            true => {
+                let r = self.layout.group_range(group);
+                GroupHashes::Known(inner.hashes[r.start as usize..r.end as usize].to_vec())
+            }
+            false => GroupHashes::None,
+        };
+        Some(Found {
+            file: self.file.clone(),
+            range: self.layout.range(index).ok()?,
+            hashes,
+        })
     }
 
-    fn update(&self, f: impl FnOnce(&mut SeedProgress)) {
-        f(&mut self.progress.lock().unwrap_or_else(|p| p.into_inner()));
+    /// The next piece is in, with this hash: a group that it completes is published.
+    fn publish(&self, hash: PieceHash) {
+        let layout = self.layout;
+        self.update(|inner| {
+            inner.hashes.push(hash);
+            let pieces = inner.hashes.len() as u32;
+            inner.progress.pieces = pieces;
+            let group = inner.progress.groups.len() as u32;
+            let range = layout.group_range(group);
+            if !range.is_empty() && pieces >= range.end {
+                let hashes = &inner.hashes[range.start as usize..range.end as usize];
+                inner.progress.groups.push(GroupHash::of(hashes));
+            }
+        });
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Inner)) {
+        f(&mut self.lock());
         self.changed.notify_waiters();
     }
 
-    /// The progress once the seed has more than `known` hashes, has finished, or `within`
-    /// has passed, whichever comes first. Hashes that had to be waited for are gathered
-    /// for up to `linger` more (or until the seed finishes), so that the hashes of a small
-    /// blob come in one answer instead of one question each. Once every hash is known it
-    /// returns at once (the blob's sha256 check may still be running).
+    /// The progress once the seed has more than `known` group hashes, has finished, or
+    /// `within` has passed, whichever comes first. Groups that had to be waited for are
+    /// gathered for up to `linger` more (or until the seed finishes), so that the groups of
+    /// a small blob come in one answer instead of one question each. Once every group is
+    /// known it returns at once (the blob's sha256 check may still be running).
     pub async fn wait_beyond(
         &self,
         known: usize,
@@ -85,11 +130,11 @@ impl SeedBlob {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let progress = self.progress();
-            let all = progress.hashes.len() >= self.layout.count() as usize;
+            let all = progress.groups.len() >= self.layout.groups() as usize;
             if progress.state != SeedState::Fetching || all {
                 return progress;
             }
-            if progress.hashes.len() > known {
+            if progress.groups.len() > known {
                 if !waited {
                     return progress;
                 }
@@ -165,12 +210,7 @@ impl Seed {
             .create(true)
             .truncate(true)
             .open(&path)?;
-        let blob = Arc::new(SeedBlob {
-            layout,
-            file: Arc::new(file),
-            progress: Mutex::new(SeedProgress::default()),
-            changed: tokio::sync::Notify::new(),
-        });
+        let blob = Arc::new(SeedBlob::new(layout, file));
         entry.insert(blob.clone());
         let headers = ForwardHeaders {
             authorization: origin
@@ -189,13 +229,16 @@ impl Seed {
             match result {
                 Ok(()) => {
                     tracing::info!(%digest, bytes = layout.blob_len(), "seed has the blob");
-                    task_blob.update(|p| p.state = SeedState::Complete);
+                    task_blob.update(|p| p.progress.state = SeedState::Complete);
                 }
                 Err(message) => {
                     tracing::warn!(%digest, error = %message, "seed fetch failed");
                     task_blob.update(|p| {
                         p.hashes.clear();
-                        p.state = SeedState::Failed(message);
+                        p.progress = SeedProgress {
+                            state: SeedState::Failed(message),
+                            ..SeedProgress::default()
+                        };
                     });
                 }
             }
@@ -250,7 +293,7 @@ async fn fetch(
                     .await
                     .map_err(|e| e.to_string())?
                     .map_err(|e| e.to_string())?;
-                blob.update(|p| p.hashes.push(hash));
+                blob.publish(hash);
                 next = PieceIndex(next.0 + 1);
             }
         }
@@ -272,21 +315,55 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// A blob of `pieces` pieces in groups of one.
     fn blob(pieces: u32) -> Arc<SeedBlob> {
-        Arc::new(SeedBlob {
-            layout: PieceLayout::new(u64::from(pieces) << 16, 64 << 10).unwrap(),
-            file: Arc::new(tempfile::tempfile().unwrap()),
-            progress: Mutex::new(SeedProgress::default()),
-            changed: tokio::sync::Notify::new(),
-        })
+        let layout = PieceLayout::new(u64::from(pieces) << 16, 64 << 10).unwrap();
+        assert_eq!(layout.group_pieces(), 1);
+        Arc::new(SeedBlob::new(layout, tempfile::tempfile().unwrap()))
     }
 
     fn publish(blob: &SeedBlob) {
-        blob.update(|p| p.hashes.push(PieceHash::of(b"piece")));
+        blob.publish(PieceHash::of(b"piece"));
     }
 
     const HOLD: Duration = Duration::from_millis(200);
     const GATHER: Duration = Duration::from_millis(10);
+
+    #[test]
+    fn a_group_is_published_when_its_last_piece_is_in() {
+        // 512 pieces in groups of 4.
+        let seed = Arc::new(SeedBlob::new(
+            PieceLayout::new(512 << 16, 64 << 10).unwrap(),
+            tempfile::tempfile().unwrap(),
+        ));
+        assert_eq!(seed.layout.group_pieces(), 4);
+        let hashes: Vec<PieceHash> = (0..512u32)
+            .map(|i| PieceHash::of(&i.to_le_bytes()))
+            .collect();
+        for h in &hashes[..7] {
+            seed.publish(*h);
+        }
+        let progress = seed.progress();
+        assert_eq!((progress.pieces, progress.groups.len()), (7, 1));
+        assert!(progress.groups[0].matches(&hashes[..4]));
+        let found = seed.piece(PieceIndex(2), true).unwrap();
+        assert_eq!(found.range, (2 << 16)..(3 << 16));
+        assert!(matches!(found.hashes, GroupHashes::Known(h) if h == hashes[..4]));
+        let found = seed.piece(PieceIndex(6), true).unwrap();
+        assert!(
+            matches!(found.hashes, GroupHashes::None),
+            "the group of piece 6 is not whole yet"
+        );
+        let found = seed.piece(PieceIndex(2), false).unwrap();
+        assert!(matches!(found.hashes, GroupHashes::None), "not asked");
+        assert!(seed.piece(PieceIndex(7), false).is_none(), "not held");
+        for h in &hashes[7..] {
+            seed.publish(*h);
+        }
+        let progress = seed.progress();
+        assert_eq!((progress.pieces, progress.groups.len()), (512, 128));
+        assert!(progress.groups[127].matches(&hashes[508..]));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn hashes_waited_for_are_gathered_a_little_longer() {
@@ -296,7 +373,7 @@ mod tests {
             async move {
                 let started = tokio::time::Instant::now();
                 let progress = seed.wait_beyond(0, HOLD, GATHER).await;
-                (progress.hashes.len(), started.elapsed())
+                (progress.groups.len(), started.elapsed())
             }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -317,12 +394,12 @@ mod tests {
         let seed = blob(2);
         publish(&seed);
         let started = tokio::time::Instant::now();
-        assert_eq!(seed.wait_beyond(0, HOLD, GATHER).await.hashes.len(), 1);
+        assert_eq!(seed.wait_beyond(0, HOLD, GATHER).await.groups.len(), 1);
         assert_eq!(started.elapsed(), Duration::ZERO, "the node lags: no wait");
 
         let waiting = tokio::spawn({
             let seed = seed.clone();
-            async move { seed.wait_beyond(1, HOLD, GATHER).await.hashes.len() }
+            async move { seed.wait_beyond(1, HOLD, GATHER).await.groups.len() }
         });
         tokio::time::sleep(Duration::from_millis(3)).await;
         publish(&seed);
@@ -336,7 +413,7 @@ mod tests {
 
         let nothing = blob(2);
         let started = tokio::time::Instant::now();
-        assert!(nothing.wait_beyond(0, HOLD, GATHER).await.hashes.is_empty());
+        assert!(nothing.wait_beyond(0, HOLD, GATHER).await.groups.is_empty());
         assert_eq!(
             started.elapsed(),
             HOLD,

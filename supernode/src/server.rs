@@ -20,7 +20,7 @@ use shoal_proto::message::{
 };
 use shoal_proto::{PieceIndex, PieceLayout};
 use shoal_registry_proxy::{Upstream, UpstreamConfig};
-use shoal_transport::pieces::{PieceLookup, answer_piece, stream_kind};
+use shoal_transport::pieces::{GroupHashes, PieceLookup, answer_piece, stream_kind};
 use shoal_transport::{ClusterCa, Endpoint, JoinToken};
 
 use crate::seed::{Seed, SeedState};
@@ -219,15 +219,19 @@ async fn housekeeping(state: Arc<State>) {
 async fn accept_quic(endpoint: Endpoint, state: Arc<State>) {
     let uploads = shoal_transport::pieces::UploadLimits::new(SEED_UPLOADS, 0, 0);
     let seed_state = state.clone();
-    let lookup: PieceLookup = Arc::new(move |digest, index| {
-        let piece = seed_state.seed.get(digest)?.piece(index)?;
+    let lookup: PieceLookup = Arc::new(move |digest, index, hashes| {
+        let found = seed_state.seed.get(digest)?.piece(index, hashes)?;
+        if hashes && matches!(found.hashes, GroupHashes::None) {
+            // Asked for a group not hashed whole yet: nobody was told its hash either.
+            return None;
+        }
         seed_state
             .scheduler()
             .seed_sending(Instant::now(), digest, index);
         seed_state
             .seed_bytes
-            .fetch_add(piece.1.end - piece.1.start, Ordering::Relaxed);
-        Some(piece)
+            .fetch_add(found.range.end - found.range.start, Ordering::Relaxed);
+        Some(found)
     });
     while let Some(accepting) = endpoint.incoming().await {
         let (state, lookup, uploads) = (state.clone(), lookup.clone(), uploads.clone());
@@ -306,8 +310,15 @@ async fn control(
             digest,
             len,
             origin,
-            known_hashes,
-        } => Some(want(state, node, now, digest, len, &origin, known_hashes).await),
+            known_groups,
+            hold,
+        } => {
+            let known = Known {
+                groups: known_groups,
+                hold,
+            };
+            Some(want(state, node, now, digest, len, &origin, known).await)
+        }
         ToSupernode::Have {
             digest,
             pieces,
@@ -399,6 +410,13 @@ fn have(
     Ok(())
 }
 
+/// What a node asking for a blob knows: its first `groups` group hashes; `hold`: it has
+/// every piece of them and waits for more.
+struct Known {
+    groups: u32,
+    hold: bool,
+}
+
 async fn want(
     state: &State,
     node: NodeId,
@@ -406,7 +424,7 @@ async fn want(
     digest: shoal_proto::BlobDigest,
     len: u64,
     origin: &shoal_proto::message::Origin,
-    known_hashes: u32,
+    known: Known,
 ) -> FromSupernode {
     let refused = |reason: String| FromSupernode::Refused { reason };
     let layout = match PieceLayout::for_blob(len) {
@@ -420,24 +438,33 @@ async fn want(
         Ok(seed) => seed,
         Err(e) => return refused(e.to_string()),
     };
+    let hold = if known.hold {
+        HOLD_WANT
+    } else {
+        Duration::ZERO
+    };
     let progress = seed
-        .wait_beyond(known_hashes as usize, HOLD_WANT, GATHER_HASHES)
+        .wait_beyond(known.groups as usize, hold, GATHER_HASHES)
         .await;
     if let SeedState::Failed(reason) = progress.state {
         return refused(format!("seed: {reason}"));
     }
     let mut s = state.scheduler();
-    let held: Vec<PieceIndex> = (0..progress.hashes.len() as u32).map(PieceIndex).collect();
+    // The seed is offered for the pieces of whole groups only: the others' hashes cannot go
+    // out yet, so nobody could take them. (`shoal sim`, 1,000 x 1 GiB in groups of 8: 1.35x
+    // S/B before this and the node's `hold`, 1.29x with both.)
+    let whole = layout.pieces_in_groups(progress.groups.len() as u32);
+    let held: Vec<PieceIndex> = (0..whole).map(PieceIndex).collect();
     let _ = s.want(now, state.me, digest, layout);
     let _ = s.have(now, state.me, &digest, &held);
     let parents = s.parents(now, node, &digest).unwrap_or_default();
     state.decisions.fetch_add(1, Ordering::Relaxed);
-    // Only the hashes the node lacks: the rest would be resent with every question.
-    let from = (known_hashes as usize).min(progress.hashes.len());
-    let mut hashes = progress.hashes;
+    // Only the group hashes the node lacks: the rest would be resent with every question.
+    let from = (known.groups as usize).min(progress.groups.len());
+    let mut groups = progress.groups;
     FromSupernode::Task(Task {
-        hashes_from: from as u32,
-        hashes: hashes.split_off(from),
+        groups_from: from as u32,
+        groups: groups.split_off(from),
         parents,
     })
 }

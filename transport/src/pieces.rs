@@ -1,9 +1,10 @@
 //! Piece transfer between nodes: one bidirectional stream per piece.
 //!
 //! The asker sends a [`PeerRequest`] frame; the holder answers with a [`PeerReply`] frame
-//! and, for `Piece`, exactly `len` raw bytes. The asker checks the length against the
-//! layout and the bytes against the piece hash it got from the supernode; this module only
-//! moves bytes.
+//! and, for `Piece`, exactly `len` raw bytes. Asked for them, the holder puts the piece
+//! hashes of the piece's group in the reply. The asker checks the length against the
+//! layout, the hashes against the group hash it got from the supernode and the bytes
+//! against their piece hash; this module only moves bytes and hashes.
 
 use std::fs::File;
 use std::ops::Range;
@@ -14,15 +15,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use shoal_proto::frame::{self, FrameDecoder, FrameError};
-use shoal_proto::message::{PeerReply, PeerRequest, StreamKind, Uploads};
-use shoal_proto::{BlobDigest, PieceIndex};
+use shoal_proto::message::{MAX_PEER_FRAME, PeerReply, PeerRequest, StreamKind, Uploads};
+use shoal_proto::{BlobDigest, PieceHash, PieceIndex};
 
 use crate::link::{self, LinkMeter};
 
 /// Longest a peer may take to answer a request header.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Frames on piece streams are tiny.
-const MAX_PEER_FRAME: u32 = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PieceError {
@@ -46,12 +45,14 @@ impl From<FrameError> for PieceError {
     }
 }
 
-/// Asks `conn` for a piece of `expected_len` bytes.
+/// Asks `conn` for a piece of `expected_len` bytes, and with `hashes` for the piece hashes
+/// of its group (unchecked: the caller checks them against the group hash).
 pub async fn fetch_piece(
     conn: &quinn::Connection,
     digest: BlobDigest,
     index: PieceIndex,
     expected_len: u32,
+    hashes: bool,
 ) -> Result<Piece, PieceError> {
     let stream = |e: &dyn std::fmt::Display| PieceError::Stream(e.to_string());
     let asked = std::time::Instant::now();
@@ -59,9 +60,13 @@ pub async fn fetch_piece(
     send.write_all(&[StreamKind::Piece as u8])
         .await
         .map_err(|e| stream(&e))?;
-    send.write_all(&frame::encode(&PeerRequest::Piece { digest, index }))
-        .await
-        .map_err(|e| stream(&e))?;
+    send.write_all(&frame::encode(&PeerRequest::Piece {
+        digest,
+        index,
+        hashes,
+    }))
+    .await
+    .map_err(|e| stream(&e))?;
     send.finish().map_err(|e| stream(&e))?;
 
     let mut decoder = FrameDecoder::new(MAX_PEER_FRAME);
@@ -82,19 +87,35 @@ pub async fn fetch_piece(
     })
     .await
     .map_err(|_| PieceError::Timeout(REQUEST_TIMEOUT))??;
-    let len = match reply {
+    reply
+        .validate()
+        .map_err(|e| PieceError::Protocol(e.to_string()))?;
+    let (len, group) = match reply {
         PeerReply::Missing => return Err(PieceError::Missing),
         PeerReply::Busy => return Err(PieceError::Busy),
-        PeerReply::Piece { index: got, len } if got == index && len == expected_len => len as usize,
-        PeerReply::Piece { index: got, len } => {
+        PeerReply::Piece {
+            index: got,
+            len,
+            hashes: group,
+        } if got == index && len == expected_len && group.is_empty() != hashes => {
+            (len as usize, group)
+        }
+        PeerReply::Piece {
+            index: got,
+            len,
+            hashes: group,
+        } => {
             return Err(PieceError::Protocol(format!(
-                "asked {index} of {expected_len} bytes, got {got} of {len}"
+                "asked {index} of {expected_len} bytes (hashes: {hashes}), got {got} of {len} \
+                 with {} hashes",
+                group.len()
             )));
         }
     };
     // The bytes stay in the chunks QUIC delivered them in: no copy to make them contiguous.
     let mut piece = Piece {
         answered_in: asked.elapsed(),
+        hashes: group,
         ..Piece::default()
     };
     let first = decoder.take_rest().freeze();
@@ -133,6 +154,9 @@ pub struct Piece {
     /// From the request to the peer's answer (the piece's header): a round trip, with
     /// whatever queues the request and the answer waited in.
     pub answered_in: Duration,
+    /// The piece hashes of the piece's group, as the peer sent them (unchecked), when
+    /// asked for.
+    pub hashes: Vec<PieceHash>,
 }
 
 impl Piece {
@@ -173,9 +197,28 @@ impl Piece {
     }
 }
 
-/// Where a holder finds a piece: the file and byte range, if it has it.
-pub type PieceLookup =
-    Arc<dyn Fn(&BlobDigest, PieceIndex) -> Option<(Arc<File>, Range<u64>)> + Send + Sync>;
+/// Where a holder finds a piece (if it has it) and, when asked (the `bool`), the piece
+/// hashes of its group.
+pub type PieceLookup = Arc<dyn Fn(&BlobDigest, PieceIndex, bool) -> Option<Found> + Send + Sync>;
+
+/// A piece a holder has: its bytes' place in a file, and its group's piece hashes.
+#[derive(Debug)]
+pub struct Found {
+    pub file: Arc<File>,
+    pub range: Range<u64>,
+    pub hashes: GroupHashes,
+}
+
+/// The piece hashes of a found piece's group.
+#[derive(Debug)]
+pub enum GroupHashes {
+    /// Not asked for, or not known: the asker gets "missing" if it asked.
+    None,
+    Known(Vec<PieceHash>),
+    /// Hashed from the file as the piece is read: the byte ranges of the group's pieces
+    /// (a complete blob, checked against its digest, held without its piece hashes).
+    FromFile(Vec<Range<u64>>),
+}
 
 /// Reads the kind byte that starts every stream.
 pub async fn stream_kind(recv: &mut quinn::RecvStream) -> Option<StreamKind> {
@@ -380,6 +423,19 @@ pub async fn serve_pieces(
     }
 }
 
+/// The BLAKE3 hashes of these byte ranges of `file`. Blocks.
+fn hash_ranges(file: &File, ranges: Vec<Range<u64>>) -> std::io::Result<Vec<PieceHash>> {
+    let mut buf = Vec::new();
+    ranges
+        .into_iter()
+        .map(|r| {
+            buf.resize((r.end - r.start) as usize, 0);
+            file.read_exact_at(&mut buf, r.start)?;
+            Ok(PieceHash::of(&buf))
+        })
+        .collect()
+}
+
 /// Answers one piece request whose kind byte has been read.
 pub async fn answer_piece(
     mut send: quinn::SendStream,
@@ -393,7 +449,12 @@ pub async fn answer_piece(
         .map_err(|e| PieceError::Stream(e.to_string()))?;
     let mut decoder = FrameDecoder::new(MAX_PEER_FRAME);
     decoder.push(&bytes);
-    let Some(PeerRequest::Piece { digest, index }) = decoder.decode::<PeerRequest>()? else {
+    let Some(PeerRequest::Piece {
+        digest,
+        index,
+        hashes,
+    }) = decoder.decode::<PeerRequest>()?
+    else {
         return Err(PieceError::Protocol("request frame incomplete".into()));
     };
     let reply = |r: PeerReply| frame::encode(&r);
@@ -403,7 +464,14 @@ pub async fn answer_piece(
             .map_err(|e| PieceError::Stream(e.to_string()))?;
         return send.finish().map_err(|e| PieceError::Stream(e.to_string()));
     };
-    let Some((file, range)) = lookup(&digest, index) else {
+    let found = lookup(&digest, index, hashes)
+        .filter(|found| !hashes || !matches!(found.hashes, GroupHashes::None));
+    let Some(Found {
+        file,
+        range,
+        hashes: group,
+    }) = found
+    else {
         send.write_all(&reply(PeerReply::Missing))
             .await
             .map_err(|e| PieceError::Stream(e.to_string()))?;
@@ -413,9 +481,15 @@ pub async fn answer_piece(
     if let Some(rate) = &uploads.rate {
         rate.take(len as u64).await;
     }
-    let piece = tokio::task::spawn_blocking(move || {
+    let (piece, group) = tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, range.start).map(|()| buf)
+        file.read_exact_at(&mut buf, range.start)?;
+        let group = match group {
+            GroupHashes::None => Vec::new(),
+            GroupHashes::Known(hashes) => hashes,
+            GroupHashes::FromFile(ranges) => hash_ranges(&file, ranges)?,
+        };
+        Ok::<_, std::io::Error>((buf, group))
     })
     .await
     .map_err(|e| PieceError::Stream(e.to_string()))?
@@ -423,6 +497,7 @@ pub async fn answer_piece(
     send.write_all(&reply(PeerReply::Piece {
         index,
         len: len as u32,
+        hashes: if hashes { group } else { Vec::new() },
     }))
     .await
     .map_err(|e| PieceError::Stream(e.to_string()))?;
@@ -471,12 +546,23 @@ mod tests {
         let file = tempfile::tempfile().unwrap();
         file.write_all_at(&blob, 0).unwrap();
         let file = Arc::new(file);
-        let lookup: PieceLookup = Arc::new(move |d, i| {
-            if *d == digest {
-                Some((file.clone(), layout.range(i).ok()?))
-            } else {
-                None
-            }
+        // Piece 0's group hashes are known; the others' are hashed from the file; the
+        // group of the last piece is not known.
+        let last = PieceIndex(layout.count() - 1);
+        let lookup: PieceLookup = Arc::new(move |d, i, want| {
+            let hashes = match i.0 {
+                _ if !want => GroupHashes::None,
+                0 => GroupHashes::Known(vec![PieceHash::of(b"known")]),
+                _ if i == last => GroupHashes::None,
+                _ => GroupHashes::FromFile(vec![layout.range(i).ok()?]),
+            };
+            (*d == digest).then(|| {
+                Some(Found {
+                    file: file.clone(),
+                    range: layout.range(i).ok()?,
+                    hashes,
+                })
+            })?
         });
         let addr = holder.local_addr().unwrap();
         // A link of 1 TiB/s: known, so the bytes sent are counted.
@@ -489,22 +575,41 @@ mod tests {
         });
         let (conn, _) = asker.connect(addr).await.unwrap();
         for i in layout.pieces() {
-            let piece = fetch_piece(&conn, digest, i, layout.len_of(i).unwrap())
+            let piece = fetch_piece(&conn, digest, i, layout.len_of(i).unwrap(), false)
                 .await
                 .unwrap();
             let r = layout.range(i).unwrap();
             assert_eq!(piece.to_vec(), &blob[r.start as usize..r.end as usize]);
+            assert!(piece.hashes.is_empty());
         }
+        let with_hashes = |i: u32| {
+            let len = layout.len_of(PieceIndex(i)).unwrap();
+            fetch_piece(&conn, digest, PieceIndex(i), len, true)
+        };
+        assert_eq!(
+            with_hashes(0).await.unwrap().hashes,
+            [PieceHash::of(b"known")]
+        );
+        assert_eq!(
+            with_hashes(1).await.unwrap().hashes,
+            [PieceHash::of(&blob[64 << 10..128 << 10])],
+            "hashed from the file"
+        );
+        let asked = fetch_piece(&conn, digest, last, layout.len_of(last).unwrap(), true).await;
+        assert!(
+            matches!(asked, Err(PieceError::Missing)),
+            "hashes asked for and not known: {asked:?}"
+        );
         let sent = limits.sent().unwrap();
         assert!(sent >= blob.len() as u64, "{sent} bytes counted");
         assert_eq!(UploadLimits::new(8, 0, 0).sent(), None);
         let other = BlobDigest::of(b"other");
         assert!(matches!(
-            fetch_piece(&conn, other, PieceIndex(0), 1).await,
+            fetch_piece(&conn, other, PieceIndex(0), 1, false).await,
             Err(PieceError::Missing)
         ));
         assert!(matches!(
-            fetch_piece(&conn, digest, PieceIndex(0), 5).await,
+            fetch_piece(&conn, digest, PieceIndex(0), 5, false).await,
             Err(PieceError::Protocol(_))
         ));
         // A closed connection is let go, and what it sent still counts.
