@@ -1243,7 +1243,18 @@ impl Sim {
             Request::Registry { piece } => (piece, self.registry, Src::Registry),
             Request::Peer { parent, piece } => {
                 let (host, src, gone) = match parent_at(parent) {
-                    Err(sn) => (self.seed_host(sn), Src::Seed, !self.sns[sn].alive),
+                    Err(sn) => {
+                        // As shoal-supernode's seed does: "missing" for a piece others
+                        // have, or one it just began sending.
+                        let digest = self.blobs[blob as usize].digest;
+                        let now = self.now(t);
+                        let refused = !self.sns[sn].scheduler.seed_may_send(now, &digest, piece);
+                        (
+                            self.seed_host(sn),
+                            Src::Seed,
+                            !self.sns[sn].alive || refused,
+                        )
+                    }
                     Ok(node) => (node as Host, Src::Peer, self.left[node as usize]),
                 };
                 if gone {

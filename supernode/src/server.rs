@@ -225,9 +225,14 @@ async fn accept_quic(endpoint: Endpoint, state: Arc<State>) {
             // Asked for a group not hashed whole yet: nobody was told its hash either.
             return None;
         }
-        seed_state
-            .scheduler()
-            .seed_sending(Instant::now(), digest, index);
+        let now = Instant::now();
+        let mut scheduler = seed_state.scheduler();
+        if !scheduler.seed_may_send(now, digest, index) {
+            // Others have it, or the seed just sent it: "missing", ask them.
+            return None;
+        }
+        scheduler.seed_sending(now, digest, index);
+        drop(scheduler);
         seed_state
             .seed_bytes
             .fetch_add(found.range.end - found.range.start, Ordering::Relaxed);
