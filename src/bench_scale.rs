@@ -681,7 +681,7 @@ mod tests {
         assert_eq!(
             command,
             "shoal sim --nodes 20 --image-size 67108864 --layers 2 --bandwidth 50000000bit \
-             --supernodes 1 --rtt-ms 53 --supernode-rtt-ms 65 --max-upload-peers 4"
+             --supernodes 1 --rtt-ms 53 --supernode-rtt-ms 65 --max-upload-peers 5"
         );
         // The command is one the sim takes.
         let sim = sim_args(&command).unwrap();
@@ -690,17 +690,17 @@ mod tests {
             (20, 64 << 20, 6_250_000)
         );
         assert_eq!((sim.rtt_ms, sim.supernode_rtt_ms), (53.0, 65.0));
-        assert_eq!(sim.max_upload_peers, 4);
+        assert_eq!(sim.max_upload_peers, 5);
         // The nodes' upload slots, when set, go to the sim too.
         let cli = Cli::try_parse_from(
             std::iter::once("bench")
                 .chain(flags.split_whitespace())
-                .chain(["--max-upload-peers", "5"]),
+                .chain(["--max-upload-peers", "3"]),
         )
         .unwrap();
         let command = sim_command(&cli.bench, &run).unwrap();
-        assert!(command.ends_with("--max-upload-peers 5"), "{command}");
-        assert_eq!(sim_args(&command).unwrap().max_upload_peers, 5);
+        assert!(command.ends_with("--max-upload-peers 3"), "{command}");
+        assert_eq!(sim_args(&command).unwrap().max_upload_peers, 3);
         assert!(!sim_args(&command).unwrap().upload_link_known);
         // Nodes told their link: so is the sim.
         let cli = Cli::try_parse_from(

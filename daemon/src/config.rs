@@ -21,8 +21,12 @@ const DEFAULT_REGISTRY: &str = "docker.io";
 const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
 const DEFAULT_HEADER_TIMEOUT: &str = "20s";
 const DEFAULT_STALL_TIMEOUT: &str = "20s";
-/// Pieces uploaded to peers at once when `--max-upload-peers` is not given.
-pub const DEFAULT_MAX_UPLOAD_PEERS: usize = 4;
+/// Pieces uploaded to peers at once when `--max-upload-peers` is not given. 5 since hash
+/// groups (`shoal/7`): `shoal sim`, p50 / S/B with 4 and 5, 1,000 x 1 GiB at 1 Gbit/s
+/// 1.27x / 1.23x, 10,000 x 1 GiB 1.33x / 1.31x, 20 x 64 MiB in 2 layers at 50 mbit
+/// 1.26x / 1.20x; the lab at that size (`shoal bench scale-out --netns`, two runs each)
+/// 1.32x / 1.31x. With 4 slots before, 6 was worse (1.77x against 1.29x).
+pub const DEFAULT_MAX_UPLOAD_PEERS: usize = 5;
 /// The environment variable that sets `--max-upload-peers`.
 pub const MAX_UPLOAD_PEERS_ENV: &str = "SHOAL_MAX_UPLOAD_PEERS";
 
