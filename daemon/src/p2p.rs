@@ -1,7 +1,7 @@
 //! The swarm path of a flight: pieces from peers and the seed, checked against their BLAKE3
 //! hashes (learnt from parents, checked against the supernode's group hashes:
-//! [`crate::hashes`]), written at their offsets, announced to the supernode, and streamed to clients as
-//! they become contiguous. The [`Planner`] decides; this driver moves bytes. Pieces no peer
+//! [`crate::hashes`]), written at their offsets, announced to the supernode, and streamed
+//! to clients as they become contiguous. The [`Planner`] decides; this driver moves bytes. Pieces no peer
 //! can give (or all of them, when progress stalls) come from the registry.
 
 use std::net::SocketAddr;
@@ -186,14 +186,12 @@ impl P2pFetch<'_> {
                     // A piece is passed on only once checked against its hash: a registry
                     // piece too (when its group's hashes are known), so that a node never
                     // serves what it could not check.
+                    // (A registry piece comes with no hashes: it is checked if its group's
+                    // are known.)
                     let offered = std::mem::take(&mut bytes.hashes);
-                    let expected = self.with_checked(|c| match done.from {
-                        From::Peer(..) => c.hashes.expected(done.piece, offered),
-                        From::Registry => c.hashes.piece_hash(done.piece).ok_or(HashError::GroupUnknown(done.piece)),
-                    });
-                    let verdict = expected
-                        .unwrap_or(Err(HashError::GroupUnknown(done.piece)))
-                        .and_then(|h| if h.matches_chunks(&bytes.chunks) { Ok(()) } else { Err(HashError::PieceMismatch(done.piece)) });
+                    let verdict = self
+                        .with_checked(|c| c.hashes.check(done.piece, &bytes.chunks, offered))
+                        .unwrap_or(Err(HashError::GroupUnknown(done.piece)));
                     let hash_checked = verdict.is_ok();
                     match (verdict, done.from) {
                         (Err(HashError::GroupUnknown(_)), From::Peer(_)) => {
