@@ -1017,8 +1017,10 @@ impl Sim {
     /// or later.
     fn reply(&mut self, t: f64, pull: u32, sn_index: usize, answer_at: Option<u64>) {
         let now = self.now(t);
+        let blob_index = self.pulls[pull as usize].blob;
+        // Group hashes, as the supernode sends them (`hashes` counts the pieces they cover).
+        let hashes = self.hashed(sn_index, blob_index);
         let p = &mut self.pulls[pull as usize];
-        let blob_index = p.blob;
         let blob = &self.blobs[blob_index as usize];
         let sn = &mut self.sns[sn_index];
         let id = node_id(p.node);
@@ -1026,10 +1028,7 @@ impl Sim {
             .scheduler
             .parents(now, id, &blob.digest)
             .unwrap_or_default();
-        let seeded = sn.seeded.get(&blob_index).copied().unwrap_or(0);
-        // Group hashes, as the supernode sends them (`hashes` counts the pieces they cover).
         let layout = blob.layout;
-        let hashes = layout.pieces_in_groups(layout.whole_groups(seeded));
         let from = layout.whole_groups(p.hashes_told.min(hashes));
         p.hashes_told = hashes;
         let new = layout.whole_groups(hashes) - from;

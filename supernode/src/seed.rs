@@ -19,8 +19,6 @@ use shoal_transport::pieces::{Found, GroupHashes};
 /// What the seed has of a blob so far.
 #[derive(Debug, Clone, Default)]
 pub struct SeedProgress {
-    /// The seed holds the first `pieces` pieces.
-    pub pieces: u32,
     /// Hashes of the first `groups.len()` hash groups: those whose pieces it all holds.
     pub groups: Vec<GroupHash>,
     pub state: SeedState,
@@ -72,7 +70,7 @@ impl SeedBlob {
     /// of its group (none until the whole group is in).
     pub fn piece(&self, index: PieceIndex, hashes: bool) -> Option<Found> {
         let inner = self.lock();
-        if index.0 >= inner.progress.pieces {
+        if index.0 as usize >= inner.hashes.len() {
             return None;
         }
         let group = self.layout.group_of(index);
@@ -96,7 +94,6 @@ impl SeedBlob {
         self.update(|inner| {
             inner.hashes.push(hash);
             let pieces = inner.hashes.len() as u32;
-            inner.progress.pieces = pieces;
             let group = inner.progress.groups.len() as u32;
             let range = layout.group_range(group);
             if !range.is_empty() && pieces >= range.end {
@@ -344,7 +341,7 @@ mod tests {
             seed.publish(*h);
         }
         let progress = seed.progress();
-        assert_eq!((progress.pieces, progress.groups.len()), (7, 1));
+        assert_eq!((seed.lock().hashes.len(), progress.groups.len()), (7, 1));
         assert!(progress.groups[0].matches(&hashes[..4]));
         let found = seed.piece(PieceIndex(2), true).unwrap();
         assert_eq!(found.range, (2 << 16)..(3 << 16));
@@ -361,7 +358,10 @@ mod tests {
             seed.publish(*h);
         }
         let progress = seed.progress();
-        assert_eq!((progress.pieces, progress.groups.len()), (512, 128));
+        assert_eq!(
+            (seed.lock().hashes.len(), progress.groups.len()),
+            (512, 128)
+        );
         assert!(progress.groups[127].matches(&hashes[508..]));
     }
 
