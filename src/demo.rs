@@ -122,6 +122,11 @@ pub fn fetched_from(metrics: &str, source: &str) -> u64 {
     )
 }
 
+/// Hash groups a node hashed again from a stored blob for a peer.
+pub fn groups_rehashed(metrics: &str) -> u64 {
+    sample(metrics, "shoald_groups_rehashed_total")
+}
+
 /// Piece requests a node gave a place beyond its upload slots.
 pub fn uploads_beyond(metrics: &str) -> u64 {
     sample(metrics, "shoald_uploads_given_total{place=\"Beyond\"}")

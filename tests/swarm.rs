@@ -155,48 +155,77 @@ fn eight_daemons_pull_one_blob_and_the_registry_sends_it_about_once() {
 }
 
 /// A node that holds a whole blob (its pull over, the blob in its store) passes on the
-/// piece hashes of a group with a piece, read from the blob: a later node takes pieces from
-/// it and checks them against the supernode's group hashes. 256 MiB: 256 pieces in groups
-/// of two (smaller blobs have groups of one piece).
+/// piece hashes of a group with a piece: a later node takes pieces from it and checks them
+/// against the supernode's group hashes. The node that pulled the blob kept its piece
+/// hashes and sends them as they are; restarted, it has lost them and hashes each group
+/// again from the blob. 256 MiB: 256 pieces in groups of two (smaller blobs have groups of
+/// one piece).
 #[test]
 fn a_node_holding_a_whole_blob_passes_on_its_pieces_with_their_hashes() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(dir.path(), &[]);
     let blob = random_blob(256 << 20, 7);
+    let small = random_blob(1 << 20, 8);
     let layout = shoal_proto::PieceLayout::for_blob(blob.bytes.len() as u64).unwrap();
     assert_eq!(layout.group_pieces(), 2);
     let rt = rt();
     rt.block_on(async {
         let client = reqwest::Client::new();
         let (sn, supernodes, token) = blob_swarm(&client, dir.path(), &registry, &blob).await;
-        let digest = blob.digest;
-        let url = |base: &str| format!("{base}/v2/{REPO}/blobs/{digest}?ns={}", registry.addr);
-        // One node after the other: the second finds the first holding the whole blob.
-        let mut daemons = Vec::new();
-        for i in 0..2 {
-            let (base, stop) = daemon(dir.path(), i, &registry.addr, &supernodes, &token).await;
-            let blob_url = url(&base);
-            let pull = shoal::registry::fetch_verified(&client, &blob_url, &digest);
-            tokio::time::timeout(HANG, pull)
-                .await
-                .expect("pull hung")
-                .unwrap();
-            daemons.push((base, stop));
-        }
-        let second = &daemons[1].0;
-        let m = shoal::demo::metrics_text(&client, second).await.unwrap();
-        let (from_peers, from_seed) = (
-            shoal::demo::fetched_from(&m, "Peer"),
-            shoal::demo::fetched_from(&m, "Seed"),
-        );
+        shoal::registry::push_blob(&client, &registry.url(), REPO, &small, None)
+            .await
+            .unwrap();
+        let pull = |base: String, digest: shoal_proto::BlobDigest| {
+            let client = client.clone();
+            let registry = registry.addr.clone();
+            async move {
+                let url = format!("{base}/v2/{REPO}/blobs/{digest}?ns={registry}");
+                let pull = shoal::registry::fetch_verified(&client, &url, &digest);
+                tokio::time::timeout(HANG, pull)
+                    .await
+                    .expect("pull hung")
+                    .unwrap();
+            }
+        };
+        let start = |i| daemon(dir.path(), i, &registry.addr, &supernodes, &token);
+        // Node 1 pulls after node 0, and finds it holding the whole blob.
+        let (base0, stop0) = start(0).await;
+        pull(base0.clone(), blob.digest).await;
+        let (base1, stop1) = start(1).await;
+        pull(base1.clone(), blob.digest).await;
+        let from_peers = |m: &str| shoal::demo::fetched_from(m, "Peer");
+        let rehashed = |m: &str| shoal::demo::groups_rehashed(m);
+        let m1 = shoal::demo::metrics_text(&client, &base1).await.unwrap();
+        let m0 = shoal::demo::metrics_text(&client, &base0).await.unwrap();
         println!(
-            "the second node got {from_peers} bytes from the first, {from_seed} from the seed"
+            "node 1 got {} bytes from node 0, {} from the seed; node 0 hashed {} groups again",
+            from_peers(&m1),
+            shoal::demo::fetched_from(&m1, "Seed"),
+            rehashed(&m0),
         );
-        assert!(
-            from_peers > 0,
-            "no piece came from the node holding the blob\n{m}"
+        assert!(from_peers(&m1) > 0, "no piece came from node 0\n{m1}");
+        let got = from_peers(&m1) + shoal::demo::fetched_from(&m1, "Seed");
+        assert_eq!(got, blob.bytes.len() as u64, "{m1}");
+        assert_eq!(rehashed(&m0), 0, "node 0 kept the hashes of its pull\n{m0}");
+
+        // Node 0 restarted, node 1 gone: node 2 can only get the blob from node 0 (and the
+        // seed), which hashes groups again. Node 0 pulls a small blob first: it then
+        // connects to the supernode and says what it holds.
+        stop1.stop().await;
+        stop0.stop().await;
+        let (base0, _stop0) = start(0).await;
+        pull(base0.clone(), small.digest).await;
+        let (base2, _stop2) = start(2).await;
+        pull(base2.clone(), blob.digest).await;
+        let m2 = shoal::demo::metrics_text(&client, &base2).await.unwrap();
+        let m0 = shoal::demo::metrics_text(&client, &base0).await.unwrap();
+        println!(
+            "node 2 got {} bytes from node 0 restarted, which hashed {} groups again",
+            from_peers(&m2),
+            rehashed(&m0),
         );
-        assert_eq!(from_peers + from_seed, blob.bytes.len() as u64, "{m}");
+        assert!(from_peers(&m2) > 0, "no piece came from node 0\n{m2}");
+        assert!(rehashed(&m0) > 0, "{m0}");
         let status = self::status(&client, &sn).await;
         assert_eq!(status["banned"], 0, "{status}");
     });

@@ -20,7 +20,7 @@ use shoal_registry_proxy::{ForwardHeaders, Registry, Upstream};
 use shoal_transport::pieces::{Found, GroupHashes};
 use tokio::sync::{mpsc, watch};
 
-use crate::hashes::Checked;
+use crate::hashes::{BlobHashes, Checked};
 use crate::metrics::{Metrics, Source};
 use crate::p2p::{P2pFetch, Verdict};
 use crate::store::{PartialBlob, Store, StoreError};
@@ -212,7 +212,16 @@ impl FetchTask {
                 pieces: &pieces,
             };
             match p2p.run().await {
-                Ok(verdict) => return finish(verdict, partial, &tx, &store, &req, started).await,
+                Ok(verdict) => {
+                    // The piece hashes go with the blob into the store: peers that ask this
+                    // node for a group's hashes later get them without a second hashing.
+                    let hashes = pieces
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_ref()
+                        .map(|c| Arc::new(c.hashes.clone()));
+                    return finish(verdict, partial, &tx, &store, &req, started, hashes).await;
+                }
                 Err(e) => {
                     tracing::warn!(digest = %req.digest, error = %e, "the swarm cannot serve this blob; fetching it from the registry");
                 }
@@ -310,11 +319,12 @@ impl FetchTask {
         } else {
             Verdict::DigestMismatch
         };
-        finish(verdict, partial, &tx, &store, &req, started).await;
+        finish(verdict, partial, &tx, &store, &req, started, None).await;
     }
 }
 
-/// Ends a flight: a verified blob goes to readers at once and then into the store.
+/// Ends a flight: a verified blob goes to readers at once and then into the store, with
+/// its piece hashes when they are known.
 async fn finish(
     verdict: Verdict,
     partial: PartialBlob,
@@ -322,6 +332,7 @@ async fn finish(
     store: &Store,
     req: &FetchRequest,
     started: Instant,
+    piece_hashes: Option<Arc<BlobHashes>>,
 ) {
     match verdict {
         Verdict::Verified => {}
@@ -342,6 +353,9 @@ async fn finish(
     tx.send_replace(FlightState::Verified);
     match tokio::task::spawn_blocking(move || partial.commit()).await {
         Ok(Ok(())) => {
+            if let Some(hashes) = piece_hashes {
+                store.keep_piece_hashes(&req.digest, hashes);
+            }
             tracing::debug!(digest = %req.digest, bytes = req.len, elapsed = ?started.elapsed(), "blob stored");
         }
         Ok(Err(e)) => {

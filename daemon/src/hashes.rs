@@ -25,7 +25,7 @@ pub enum HashError {
 
 /// Group hashes from the supernode, and the piece hashes of the groups a peer sent and
 /// that matched.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct BlobHashes {
     layout: PieceLayout,
     groups: Vec<GroupHash>,

@@ -183,7 +183,8 @@ impl RunningDaemon {
 }
 
 /// Where the peer server finds pieces (and their groups' hashes): a flight's checked
-/// pieces, or a complete blob, whose piece hashes are read from its file when asked for.
+/// pieces, or a complete blob with the piece hashes kept from its pull, or else read from
+/// its file when asked for.
 fn piece_lookup(app: &Arc<server::App>) -> shoal_transport::pieces::PieceLookup {
     use shoal_transport::pieces::{Found, GroupHashes};
     let app = app.clone();
@@ -196,12 +197,17 @@ fn piece_lookup(app: &Arc<server::App>) -> shoal_transport::pieces::PieceLookup 
         let stored = app.store.open_complete(digest)?;
         let layout = shoal_proto::PieceLayout::for_blob(stored.len).ok()?;
         let range = layout.range(index).ok()?;
-        let hashes = if hashes {
+        let kept = || stored.piece_hashes.as_ref()?.group_of(index);
+        let hashes = if !hashes {
+            GroupHashes::None
+        } else if let Some(group) = kept() {
+            GroupHashes::Known(group.to_vec())
+        } else {
+            // Stored before this daemon started, or fetched from the registry alone.
+            app.metrics.group_rehashed();
             let group = layout.group_range(layout.group_of(index));
             let ranges = group.map(|i| layout.range(shoal_proto::PieceIndex(i)));
             GroupHashes::FromFile(ranges.collect::<Result<_, _>>().ok()?)
-        } else {
-            GroupHashes::None
         };
         Some(Found {
             file: stored.file,

@@ -79,6 +79,7 @@ pub struct Metrics {
     peer_rtt: Histogram,
     supernode_rtt: Histogram,
     uploads_given: Family<PlaceLabels, Counter>,
+    groups_rehashed: Counter,
     /// Encodes one at a time: the upload counts are brought up to date then.
     encoding: std::sync::Mutex<()>,
 }
@@ -98,6 +99,7 @@ impl Default for Metrics {
             peer_rtt: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             supernode_rtt: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             uploads_given: Family::default(),
+            groups_rehashed: Counter::default(),
             encoding: Default::default(),
         };
         let r = &mut m.registry;
@@ -156,6 +158,13 @@ impl Default for Metrics {
              beyond them while the node's link (--upload-link) had room",
             m.uploads_given.clone(),
         );
+        r.register(
+            "groups_rehashed",
+            "Hash groups whose piece hashes a peer asked for and that were hashed again from a \
+             stored blob's bytes (a blob stored before the daemon started or fetched from the \
+             registry alone; a blob pulled over the swarm keeps its piece hashes)",
+            m.groups_rehashed.clone(),
+        );
         m
     }
 }
@@ -199,6 +208,10 @@ impl Metrics {
         self.store_misses.inc();
     }
 
+    pub fn group_rehashed(&self) {
+        self.groups_rehashed.inc();
+    }
+
     /// The text exposition, with the store size and the upload places given (in the
     /// slots, beyond them) as of now.
     pub fn encode(&self, store_bytes: u64, uploads_given: (u64, u64)) -> String {
@@ -233,6 +246,7 @@ mod tests {
         m.served(Source::Store, 42);
         m.fetched(Source::Registry, 7);
         m.store_hit();
+        m.group_rehashed();
         m.peer_answered(std::time::Duration::from_millis(3));
         m.supernode_round_trip(std::time::Duration::from_millis(100));
         m.peer_round_trip(std::time::Duration::from_millis(20));
@@ -243,6 +257,7 @@ mod tests {
             "shoald_blob_bytes_served_total{source=\"Store\"} 42",
             "shoald_bytes_fetched_total{source=\"Registry\"} 7",
             "shoald_store_hits_total 1",
+            "shoald_groups_rehashed_total 1",
             "shoald_store_bytes 1234",
             "shoald_uploads_given_total{place=\"Slot\"} 5",
             "shoald_uploads_given_total{place=\"Beyond\"} 2",

@@ -9,7 +9,9 @@
 //!
 //! In memory: an index of entries with their state, size, last use and pin count. Readers
 //! and writers hold a [`Lease`]; eviction (to stay under the cache size) only ever removes
-//! complete, unpinned blobs, least recently used first.
+//! complete, unpinned blobs, least recently used first. A blob pulled over the swarm also
+//! keeps its piece hashes there while the daemon runs ([`Store::keep_piece_hashes`]), so
+//! that serving a group's hashes to a peer does not hash the group's bytes again.
 //!
 //! All methods that touch the disk block; async callers run them in `spawn_blocking` or
 //! accept the short cost (open, rename, unlink).
@@ -23,6 +25,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shoal_proto::BlobDigest;
+
+use crate::hashes::BlobHashes;
 
 /// After the disk fills up, how long shoald streams straight from registries before it
 /// tries to write to the store again.
@@ -56,6 +60,8 @@ struct Entry {
     len: u64,
     last_used: u64,
     pins: u32,
+    /// The piece hashes of a complete blob, when known (not kept on disk).
+    piece_hashes: Option<Arc<BlobHashes>>,
 }
 
 #[derive(Debug, Default)]
@@ -98,6 +104,8 @@ pub struct StoredBlob {
     pub file: Arc<File>,
     pub len: u64,
     pub lease: Lease,
+    /// Its piece hashes, if it was pulled over the swarm since the daemon started.
+    pub piece_hashes: Option<Arc<BlobHashes>>,
 }
 
 /// A blob being written. Dropped without [`PartialBlob::commit`], it is removed.
@@ -151,6 +159,7 @@ impl Store {
                     len,
                     last_used: index.tick,
                     pins: 0,
+                    piece_hashes: None,
                 },
             );
         }
@@ -202,7 +211,7 @@ impl Store {
 
     /// Opens a complete blob for reading, marking it recently used.
     pub fn open_complete(self: &Arc<Self>, digest: &BlobDigest) -> Option<StoredBlob> {
-        let len = {
+        let (len, piece_hashes) = {
             let mut index = self.lock();
             index.tick += 1;
             let tick = index.tick;
@@ -212,7 +221,7 @@ impl Store {
                 .filter(|e| e.state == EntryState::Complete)?;
             entry.last_used = tick;
             entry.pins += 1;
-            entry.len
+            (entry.len, entry.piece_hashes.clone())
         };
         let lease = Lease {
             store: self.clone(),
@@ -223,6 +232,7 @@ impl Store {
                 file: Arc::new(file),
                 len,
                 lease,
+                piece_hashes,
             }),
             Err(e) => {
                 tracing::warn!(%digest, error = %e, "blob vanished from the store; forgetting it");
@@ -230,6 +240,20 @@ impl Store {
                 self.forget(digest);
                 None
             }
+        }
+    }
+
+    /// Keeps the piece hashes of a complete blob (checked as its pieces came) for as long as
+    /// the blob stays in the store and the daemon runs. A blob that is not complete is left
+    /// alone.
+    pub fn keep_piece_hashes(&self, digest: &BlobDigest, hashes: Arc<BlobHashes>) {
+        let mut index = self.lock();
+        if let Some(entry) = index
+            .entries
+            .get_mut(digest)
+            .filter(|e| e.state == EntryState::Complete)
+        {
+            entry.piece_hashes = Some(hashes);
         }
     }
 
@@ -280,6 +304,7 @@ impl Store {
                     len,
                     last_used,
                     pins: 1,
+                    piece_hashes: None,
                 },
             );
         }
@@ -494,6 +519,43 @@ mod tests {
             store.begin(&BlobDigest::of(b"x"), 11),
             Err(StoreError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn piece_hashes_are_kept_with_a_complete_blob_until_it_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 10).unwrap();
+        let hashes = || {
+            let layout = shoal_proto::PieceLayout::for_blob(4).unwrap();
+            Arc::new(BlobHashes::new(layout))
+        };
+        // Not for a blob still being written, nor for one the store does not have.
+        let b = BlobDigest::of(b"bbbb");
+        let partial = store.begin(&b, 4).unwrap();
+        store.keep_piece_hashes(&b, hashes());
+        store.keep_piece_hashes(&BlobDigest::of(b"none"), hashes());
+        partial.write_at(0, b"bbbb").unwrap();
+        partial.commit().unwrap();
+        assert!(store.open_complete(&b).unwrap().piece_hashes.is_none());
+
+        let a = write(&store, b"aaaa");
+        assert!(store.open_complete(&a).unwrap().piece_hashes.is_none());
+        let kept = hashes();
+        store.keep_piece_hashes(&a, kept.clone());
+        let read = store.open_complete(&a).unwrap();
+        assert!(Arc::ptr_eq(read.piece_hashes.as_ref().unwrap(), &kept));
+        drop(read);
+        // Evicted (b is more recent now), the hashes go with it; stored again, it has none.
+        store.open_complete(&b).unwrap();
+        write(&store, b"cccc");
+        assert!(!store.contains(&a));
+        write(&store, b"aaaa");
+        assert!(store.open_complete(&a).unwrap().piece_hashes.is_none());
+        // Nor after a restart: they are not on disk.
+        store.keep_piece_hashes(&a, hashes());
+        drop(store);
+        let store = Store::open(dir.path(), 10).unwrap();
+        assert!(store.open_complete(&a).unwrap().piece_hashes.is_none());
     }
 
     #[test]
