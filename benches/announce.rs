@@ -162,13 +162,15 @@ async fn sink(ca: &ClusterCa) -> SocketAddr {
     addr
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 fn announcements(c: &mut Criterion) {
-    let rt = Arc::new(
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .unwrap(),
-    );
+    let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let (supernode, to_supernode, to_sink) = rt.block_on(async {
         let supernode = Supernode::start(SupernodeConfig {
@@ -215,12 +217,7 @@ async fn questions_a_stream_each(conn: quinn::Connection, n: u64, want: Arc<Vec<
 }
 
 fn questions(c: &mut Criterion) {
-    let rt = Arc::new(
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .unwrap(),
-    );
+    let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let registry = shoal::testbed::Registry::start(dir.path(), &[]);
     let blob = shoal::image::Blob::new("application/octet-stream", vec![5u8; 64 << 20]);
