@@ -215,11 +215,12 @@ impl FetchTask {
                 Ok(verdict) => {
                     // The piece hashes go with the blob into the store: peers that ask this
                     // node for a group's hashes later get them without a second hashing.
-                    let hashes = pieces
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .as_ref()
-                        .map(|c| Arc::new(c.hashes.clone()));
+                    let hashes = matches!(verdict, Verdict::Verified)
+                        .then(|| {
+                            let pieces = pieces.lock().unwrap_or_else(|p| p.into_inner());
+                            pieces.as_ref().map(|c| Arc::new(c.hashes.clone()))
+                        })
+                        .flatten();
                     return finish(verdict, partial, &tx, &store, &req, started, hashes).await;
                 }
                 Err(e) => {
