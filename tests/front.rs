@@ -340,6 +340,34 @@ async fn a_full_disk_still_serves_from_the_registry() {
 }
 
 /// Sends `GET path` as written and returns the response head.
+/// A stop does not wait on connections a client keeps open between requests (containerd
+/// does): they close at once, not after the shutdown grace (5 s); the port is closed then.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_does_not_wait_on_idle_connections() {
+    let image = image();
+    let origin = Origin::start(&image, REPO, "1").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let f = front(&origin, dir.path(), "1GiB").await;
+    let c = client();
+    let layer = &image.layers[0];
+    let got = c.get(f.blob(&layer.digest)).send().await.unwrap();
+    assert_eq!(got.bytes().await.unwrap(), layer.bytes);
+    let health = c.get(format!("{}/healthz", f.url)).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    // The client keeps its connection open now.
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), f._daemon.stop())
+        .await
+        .expect("stop hung");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "the stop took {took:?}");
+    let after = reqwest::Client::new()
+        .get(format!("{}/healthz", f.url))
+        .send()
+        .await;
+    assert!(after.is_err(), "served after the stop: {after:?}");
+}
+
 async fn raw_get(addr: &str, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();

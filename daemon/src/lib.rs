@@ -40,6 +40,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
@@ -112,7 +113,9 @@ impl Daemon {
         Ok(RunningDaemon { url, stop, task })
     }
 
-    /// Serves until `shutdown` resolves, then gives open connections a short grace.
+    /// Serves until `shutdown` resolves, then gives open connections a short grace: idle
+    /// ones (containerd keeps its connections open) close at once, a response under way
+    /// may finish within [`SHUTDOWN_GRACE`].
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Daemon {
             app,
@@ -125,6 +128,7 @@ impl Daemon {
         }
         tracing::info!(addr = %listener.local_addr().map_or("?".into(), |a| a.to_string()), "shoald listening");
         let mut connections = JoinSet::new();
+        let graceful = GracefulShutdown::new();
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
@@ -142,6 +146,7 @@ impl Daemon {
             };
             let _ = stream.set_nodelay(true);
             let app = app.clone();
+            let watcher = graceful.watcher();
             connections.spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let app = app.clone();
@@ -151,16 +156,18 @@ impl Daemon {
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_READ_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service);
-                if let Err(e) = conn.await {
+                if let Err(e) = watcher.watch(conn).await {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
             });
         }
         tracing::info!(open = connections.len(), "shutting down");
-        let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
-            while connections.join_next().await.is_some() {}
-        })
-        .await;
+        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(open = connections.len(), grace = ?SHUTDOWN_GRACE, "responses still under way at shutdown are cut off");
+        }
         connections.shutdown().await;
         background.shutdown().await;
     }
