@@ -1,6 +1,6 @@
 //! shoald's HTTP front, in process, against the embedded origin registry: hostile requests,
 //! headers, Range on cached and in-flight blobs, empty blobs, a registry that sends bytes
-//! that do not match their digest, and a full disk.
+//! that do not match their digest, a full disk, and a stop with connections open.
 
 use std::time::Duration;
 
@@ -366,6 +366,39 @@ async fn a_stop_does_not_wait_on_idle_connections() {
         .send()
         .await;
     assert!(after.is_err(), "served after the stop: {after:?}");
+}
+
+/// A stop lets a response under way finish (within the grace): the client gets the whole
+/// blob, and the stop ends once it has.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_lets_a_response_under_way_finish() {
+    let image = Image::build(&[LayerSpec::Random { size: 64 << 20 }], 4);
+    let origin = Origin::start(&image, REPO, "1").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let f = front(&origin, dir.path(), "1GiB").await;
+    let c = client();
+    let layer = &image.layers[0];
+    // Stored first: the second response comes from the store.
+    let first = c.get(f.blob(&layer.digest)).send().await.unwrap();
+    assert_eq!(first.bytes().await.unwrap(), layer.bytes);
+    let mut resp = c.get(f.blob(&layer.digest)).send().await.unwrap();
+    let mut got = resp.chunk().await.unwrap().expect("a first chunk").to_vec();
+    // 64 MiB do not fit in the sockets' buffers: the daemon is still sending.
+    let stop = tokio::spawn(f._daemon.stop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !stop.is_finished(),
+        "the stop did not wait for the response"
+    );
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got.len(), layer.bytes.len());
+    assert!(got == layer.bytes, "the blob came back changed");
+    tokio::time::timeout(Duration::from_secs(10), stop)
+        .await
+        .expect("stop hung")
+        .unwrap();
 }
 
 async fn raw_get(addr: &str, path: &str) -> String {
