@@ -14,7 +14,8 @@
 //!   its seed's uploads, which share what is left; an answer arrives once the answers
 //!   queued before it and itself are out (at once when that takes less than a step);
 //! - the first `Want` of a blob starts the seed: it fetches the blob from the registry
-//!   piece after piece and each piece is at once offered by the scheduler;
+//!   piece after piece, in one stream (a piece that ends inside a step leaves the rest of
+//!   the step to the next), and each piece is at once offered by the scheduler;
 //! - a request to a host whose upload slots are all taken waits there for one, behind
 //!   at most as many others as it has slots, for up to [`SLOT_WAIT`]; then, or when the
 //!   line is full, the answer is "busy" ([`Failure::Busy`]);
@@ -987,7 +988,7 @@ impl Sim {
             );
         }
         if start_seed {
-            self.seed_fetch(sn_index, blob_index, 0);
+            self.seed_fetch(sn_index, blob_index, 0, 0.0);
         }
         // As the supernode does: a node that knows every group hash the seed has, while it
         // still reads, waits for the next one (and a little more), at most HOLD_WANT.
@@ -1156,7 +1157,10 @@ impl Sim {
         }
     }
 
-    fn seed_fetch(&mut self, sn: usize, blob: u32, piece: u32) {
+    /// The seed's registry response goes on with `piece`, of which it has already sent
+    /// `sent` bytes: the blob is one stream, so the step the previous piece ended in is
+    /// not lost (at most the piece less a byte, so that each piece still ends a flow).
+    fn seed_fetch(&mut self, sn: usize, blob: u32, piece: u32, sent: f64) {
         let layout = self.blobs[blob as usize].layout;
         let Ok(len) = layout.len_of(PieceIndex(piece)) else {
             return;
@@ -1166,8 +1170,8 @@ impl Sim {
             blob,
             piece,
         };
-        self.net
-            .start(self.registry, self.seed_host(sn), u64::from(len), tag);
+        let left = (f64::from(len) - sent).ceil().max(1.0) as u64;
+        self.net.start(self.registry, self.seed_host(sn), left, tag);
     }
 
     /// Every touched pull asks its planner what to fetch, and the flows start.
@@ -1445,7 +1449,15 @@ impl Sim {
                         Some(sn) => self.sns.get(sn).is_some_and(|s| !s.alive),
                     };
                     if gone(from) || gone(to) {
-                        self.cut_flow(t, Done { from, to, tag });
+                        self.cut_flow(
+                            t,
+                            Done {
+                                from,
+                                to,
+                                tag,
+                                spare: 0.0,
+                            },
+                        );
                     } else {
                         self.net.start(from, to, len, tag);
                     }
@@ -1470,7 +1482,7 @@ impl Sim {
                 let seed = seed_id(sn);
                 let s = &mut self.sns[sn];
                 s.seeded.insert(blob, piece + 1);
-                self.seed_fetch(sn, blob, piece + 1);
+                self.seed_fetch(sn, blob, piece + 1, d.spare);
                 // As the supernode does: the seed is offered for a group's pieces once the
                 // group is whole (its hash can go out).
                 let (before, after) = (layout.whole_groups(piece), layout.whole_groups(piece + 1));
@@ -1769,6 +1781,24 @@ mod tests {
             run.table()
         );
         assert!((direct.registry_egress_ratio - 20.0).abs() < 0.01);
+    }
+
+    #[test]
+    fn the_seeds_registry_stream_does_not_pause_between_pieces() {
+        // The registry's link is the bound here (64 MiB at 600 Mbit/s: 0.89 s), and a piece
+        // takes 1.75 steps of 4 ms on it. Were each piece's flow to start only at the step
+        // after the last one ended, the seed would fetch at 7/8 of the link and the run
+        // would take 12% longer than with steps of 1 ms.
+        let flags = "--nodes 20 --image-size 64MiB --bandwidth 1gbit --registry-bandwidth \
+                     600mbit --baseline=";
+        let fine = sim(&format!("{flags} --step-ms 1"));
+        let coarse = sim(&format!("{flags} --step-ms 4"));
+        let (fine, coarse) = (fine.shoal.completion_s.p50, coarse.shoal.completion_s.p50);
+        assert!(fine >= 0.89, "faster than the registry sends: {fine} s");
+        assert!(
+            coarse < fine * 1.08,
+            "p50 {coarse} s in steps of 4 ms against {fine} s in steps of 1 ms"
+        );
     }
 
     #[test]

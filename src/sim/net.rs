@@ -31,6 +31,10 @@ pub struct Done<T> {
     pub from: Host,
     pub to: Host,
     pub tag: T,
+    /// Bytes the flow's rate would still have moved in the step it finished in (0 for a
+    /// flow cut short): a stream that goes on with the next piece, such as a registry
+    /// response, has sent that much of it by the end of the step.
+    pub spare: f64,
 }
 
 #[derive(Debug)]
@@ -134,6 +138,7 @@ impl<T: Copy> Net<T> {
             from: f.from,
             to: f.to,
             tag: f.tag,
+            spare: 0.0,
         }
     }
 
@@ -203,9 +208,13 @@ impl<T: Copy> Net<T> {
     pub fn step(&mut self, dt: f64, watch: Host, done: &mut Vec<Done<T>>) -> f64 {
         self.rates();
         let mut watched = 0.0;
+        // What each flow's rate could have moved beyond what it had left (kept in `grow`,
+        // index for index with `flows` while finished flows are taken out).
+        self.grow.clear();
         for (f, rate) in self.flows.iter_mut().zip(&self.rate) {
             let moved = (rate * dt).min(f.left);
             f.left -= moved;
+            self.grow.push(rate * dt - moved);
             if f.from == watch {
                 watched += moved;
             }
@@ -213,7 +222,9 @@ impl<T: Copy> Net<T> {
         let mut i = 0;
         while i < self.flows.len() {
             if self.flows[i].left <= 1e-3 {
-                done.push(self.remove(i));
+                let mut d = self.remove(i);
+                d.spare = self.grow.swap_remove(i);
+                done.push(d);
             } else {
                 i += 1;
             }
@@ -283,6 +294,27 @@ mod tests {
         assert!((net.rate[0] - 30.0).abs() < 1e-6, "{:?}", net.rate);
         assert!((net.rate[1] - 70.0).abs() < 1e-6, "{:?}", net.rate);
         assert!((net.rate[2] - 30.0).abs() < 1e-6, "{:?}", net.rate);
+    }
+
+    #[test]
+    fn a_flow_that_ends_inside_a_step_tells_what_its_rate_had_left() {
+        // 100 bytes at 100 bytes a second in steps of 0.3 s: 90 bytes in three steps, the
+        // last 10 in the fourth, which had room for 30.
+        let mut net = Net::new([(100.0, 100.0); 2]);
+        net.start(0, 1, 100, 7);
+        let mut done = Vec::new();
+        for _ in 0..3 {
+            net.step(0.3, 0, &mut done);
+        }
+        assert!(done.is_empty());
+        let moved = net.step(0.3, 0, &mut done);
+        assert!((moved - 10.0).abs() < 1e-6, "{moved}");
+        assert_eq!(done.len(), 1);
+        assert!((done[0].spare - 20.0).abs() < 1e-6, "{done:?}");
+        // A flow cut short has nothing left over.
+        net.start(0, 1, 100, 8);
+        net.step(0.3, 0, &mut done);
+        assert_eq!(net.cut(1)[0].spare, 0.0);
     }
 
     #[test]
