@@ -206,6 +206,20 @@ impl SimArgs {
                 .is_none_or(|ms| ms.is_finite() && ms > 0.0 && ms <= 1000.0),
             "--step-ms must be more than 0 and at most 1000"
         );
+        if let Some(ms) = self.step_ms {
+            // A step too small for the pull would run for hours.
+            let joins = if self.late > 0.0 {
+                self.join_window
+            } else {
+                0.0
+            };
+            let steps = (lower_bound + joins) / (ms / 1000.0);
+            anyhow::ensure!(
+                steps <= MAX_STEPS,
+                "--step-ms {ms} makes {steps:.0} steps before the pull could be done; at most \
+                 {MAX_STEPS} (a larger --step-ms, or none: a quarter of a piece's time)"
+            );
+        }
         for b in self.baseline.iter().filter(|b| !b.is_empty()) {
             anyhow::ensure!(
                 b == "direct",
@@ -222,6 +236,9 @@ const MAX_NODES: usize = 1_000_000;
 const MAX_SUPERNODES: usize = 255;
 const MAX_THREADS: usize = 1024;
 const MAX_SECONDS: f64 = 3600.0;
+/// Steps of the model in the time the pull takes at best (the default step makes 4 per
+/// piece of a node's pull).
+const MAX_STEPS: f64 = 1_000_000.0;
 const MAX_LAYERS: usize = 1000;
 const MAX_PULLS: usize = 2_000_000;
 /// A run that takes longer than this says how far it has got, every so often.
@@ -2063,6 +2080,7 @@ mod tests {
         for (flag, value) in [
             ("--step-ms", "inf"),
             ("--step-ms", "0"),
+            ("--step-ms", "0.001"),
             ("--join-window", "NaN"),
             ("--join-window", "1e300"),
             ("--supernode-dies-at", "inf"),
