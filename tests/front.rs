@@ -339,7 +339,6 @@ async fn a_full_disk_still_serves_from_the_registry() {
     panic!("a full disk kept the blob from being served");
 }
 
-/// Sends `GET path` as written and returns the response head.
 /// A stop does not wait on connections a client keeps open between requests (containerd
 /// does): they close at once, not after the shutdown grace (5 s); the port is closed then.
 #[tokio::test(flavor = "multi_thread")]
@@ -401,6 +400,7 @@ async fn a_stop_lets_a_response_under_way_finish() {
         .unwrap();
 }
 
+/// Sends `GET path` as written and returns the response head.
 async fn raw_get(addr: &str, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
