@@ -245,7 +245,7 @@ const MAX_PULLS: usize = 2_000_000;
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// Questions to the supernode: every REFRESH, sooner when hungry (as the daemon asks).
-const REFRESH: f64 = 0.200;
+const REFRESH: f64 = shoal_daemon::p2p::REFRESH.as_secs_f64();
 /// The supernode's housekeeping: connected peers are kept, silent ones expire.
 const HOUSEKEEPING: f64 = 5.0;
 const SEED_ID_BASE: u64 = 1 << 40;
