@@ -108,31 +108,15 @@ enum WireSet {
 
 impl From<PieceSet> for WireSet {
     fn from(set: PieceSet) -> Self {
-        let mut gaps = Vec::new();
-        let (mut last, mut gap_bytes) = (0, 0);
-        for piece in set.iter() {
-            let gap = if gaps.is_empty() {
-                piece.0
-            } else {
-                piece.0 - last
-            };
-            last = piece.0;
-            gap_bytes += varint_len(gap as usize);
-            if gap_bytes >= set.bits.len() {
-                break;
-            }
-            gaps.push(gap);
-        }
-        if gap_bytes >= set.bits.len() && !set.bits.is_empty() {
-            WireSet::Bits {
+        match set.gap_bytes() {
+            Some(_) => WireSet::Gaps {
+                count: set.count,
+                gaps: set.gaps().collect(),
+            },
+            None => WireSet::Bits {
                 count: set.count,
                 bits: set.bits,
-            }
-        } else {
-            WireSet::Gaps {
-                count: set.count,
-                gaps,
-            }
+            },
         }
     }
 }
@@ -172,6 +156,39 @@ impl TryFrom<WireSet> for PieceSet {
 }
 
 impl PieceSet {
+    /// Each piece's distance from the one before (the first one's from 0).
+    fn gaps(&self) -> impl Iterator<Item = u32> + '_ {
+        let mut last = 0;
+        self.iter().map(move |piece| {
+            let gap = piece.0 - last;
+            last = piece.0;
+            gap
+        })
+    }
+
+    /// The gaps' bytes on the wire when they are shorter than the bits (or there are no
+    /// bits), else `None`: the set is sent as bits.
+    fn gap_bytes(&self) -> Option<usize> {
+        let mut bytes = 0;
+        for gap in self.gaps() {
+            bytes += varint_len(gap as usize);
+            if bytes >= self.bits.len() && !self.bits.is_empty() {
+                return None;
+            }
+        }
+        Some(bytes)
+    }
+
+    /// The bytes this set takes in a message, without building its wire form.
+    pub fn wire_len(&self) -> usize {
+        let body = match self.gap_bytes() {
+            Some(bytes) => varint_len(self.len() as usize) + bytes,
+            None => varint_len(self.bits.len()) + self.bits.len(),
+        };
+        // The variant's index, then the count.
+        1 + varint_len(self.count as usize) + body
+    }
+
     /// An empty set for a blob of `count` pieces.
     pub fn empty(count: u32) -> Self {
         Self {
@@ -566,7 +583,11 @@ pub fn task_frame_len(groups_from: u32, new_hashes: usize, parents: &[Parent]) -
     let body = size(&empty) - 2
         + varint_len(new_hashes)
         + new_hashes * std::mem::size_of::<GroupHash>()
-        + size(parents);
+        + varint_len(parents.len())
+        + parents
+            .iter()
+            .map(|p| size(&p.addr) + p.pieces.wire_len())
+            .sum::<usize>();
     crate::frame::HEADER_LEN + body
 }
 
@@ -613,6 +634,33 @@ mod tests {
                 "{new} hashes, {} parents",
                 parents.len()
             );
+        }
+    }
+
+    #[test]
+    fn a_piece_set_s_length_is_known_without_building_it() {
+        // Sets of every density, so that both forms and the point between them are met.
+        let mut seed = 1u64;
+        for count in [0, 1, 7, 8, 9, 100, 1024, 5000] {
+            for density in [0, 1, 3, 10, 30, 60, 100] {
+                let mut set = PieceSet::empty(count);
+                for i in 0..count {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    if (seed >> 33) % 100 < density {
+                        set.insert(PieceIndex(i));
+                    }
+                }
+                let sent = postcard::to_allocvec(&set).unwrap();
+                assert_eq!(
+                    set.wire_len(),
+                    sent.len(),
+                    "{count} pieces, {density}% held"
+                );
+                let back: PieceSet = postcard::from_bytes(&sent).unwrap();
+                assert_eq!(back, set);
+            }
         }
     }
 
