@@ -769,7 +769,6 @@ impl Sim {
         }
     }
 
-    /// The pull's planner, any offer not yet handed to it handed now.
     /// Tells the pull's planner (when it is next used); false for a pull without one.
     fn tell(&mut self, pull: u32, told: Told) -> bool {
         let planner = self.pulls[pull as usize].planner.as_mut();
