@@ -30,6 +30,7 @@
 //! fixed order, so a run is the same on any number of cores.
 
 pub mod net;
+mod push;
 
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -129,6 +130,11 @@ pub struct SimArgs {
     /// 2 pieces more than --max-upload-peers while its link runs under 90% used
     #[arg(long)]
     pub upload_link_known: bool,
+    /// Model stripe trees with push, a design shoald does not have yet: K stripes, each
+    /// node forwarding one to its children as pieces arrive, unasked (0 = off: the mesh
+    /// that shoald runs). Only for a swarm without late joins, leaves or a dying supernode
+    #[arg(long, default_value_t = 0)]
+    pub push_stripes: u32,
     /// Threads for the planners' decisions (0 = one per core); results do not depend on it
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -175,6 +181,18 @@ impl SimArgs {
         anyhow::ensure!(
             (1..=MAX_SUPERNODES).contains(&self.supernodes),
             "--supernodes must be between 1 and {MAX_SUPERNODES}"
+        );
+        anyhow::ensure!(
+            self.push_stripes == 0
+                || ((2..=MAX_STRIPES).contains(&self.push_stripes)
+                    && self.push_stripes as usize <= self.nodes),
+            "--push-stripes must be 0 (off) or between 2 and {MAX_STRIPES} and at most --nodes"
+        );
+        anyhow::ensure!(
+            self.push_stripes == 0
+                || (self.late == 0.0 && self.leave == 0.0 && self.supernode_dies_at.is_none()),
+            "--push-stripes models a swarm that stays as it started: no --late, --leave or \
+             --supernode-dies-at (its trees would need repair)"
         );
         anyhow::ensure!(
             self.max_upload_peers > 0,
@@ -235,6 +253,8 @@ const MAX_NODES: usize = 1_000_000;
 /// Supernodes a sim runs (each seed's address holds its index in a byte).
 const MAX_SUPERNODES: usize = 255;
 const MAX_THREADS: usize = 1024;
+/// Stripes of `--push-stripes`: a node's children in its tree, and flows into it.
+const MAX_STRIPES: u32 = 64;
 const MAX_SECONDS: f64 = 3600.0;
 /// Steps of the model in the time the pull takes at best (the default step makes 4 per
 /// piece of a node's pull).
@@ -325,6 +345,9 @@ struct Pull {
     done: bool,
     /// Pieces whose group hashes the supernode's answers have given this pull so far.
     hashes_told: u32,
+    /// Of those, the pieces whose hashes have reached the node (with `--push-stripes` a
+    /// pull is done once it has every piece and every hash).
+    hashes_in: u32,
     /// What the planner asked for at the latest step, until the requests are sent.
     requests: Vec<Request>,
 }
@@ -564,6 +587,10 @@ struct Sim {
     held: Vec<Held>,
     /// Questions and announcements on their way to supernodes, in the order they arrive.
     outbound: VecDeque<Outbound>,
+    /// `--push-stripes`: the trees, and the streams from parents to children.
+    push: Option<(push::Trees, push::Lines<(u64, Tag)>)>,
+    /// Nodes that finished when their last hashes arrived (not with a piece).
+    finished_with_hashes: usize,
 }
 
 /// A question (with `answer_at`) or an announcement on its way to a supernode.
@@ -713,6 +740,7 @@ impl Sim {
                 lost: false,
                 done: false,
                 hashes_told: 0,
+                hashes_in: 0,
                 requests: Vec::new(),
             })
             .collect::<Vec<_>>();
@@ -755,6 +783,13 @@ impl Sim {
             offers_sent: 0,
             held: Vec::new(),
             outbound: VecDeque::new(),
+            push: (args.push_stripes > 0).then(|| {
+                (
+                    push::Trees::new(n as u32, args.push_stripes),
+                    push::Lines::<(u64, Tag)>::new(),
+                )
+            }),
+            finished_with_hashes: 0,
         })
     }
 
@@ -853,6 +888,7 @@ impl Sim {
             self.answers_due(t);
             self.waits_end(t);
             self.plan(t);
+            active -= std::mem::take(&mut self.finished_with_hashes);
             if t >= next_sample {
                 series.push((t, self.bytes.registry.round() as u64));
                 next_sample += sample_every;
@@ -1076,10 +1112,14 @@ impl Sim {
         let blob = &self.blobs[blob_index as usize];
         let sn = &mut self.sns[sn_index];
         let id = node_id(p.node);
-        let parents = sn
-            .scheduler
-            .parents(now, id, &blob.digest)
-            .unwrap_or_default();
+        // With push trees a node is fed by its parents in the trees: answers are hashes.
+        let parents = match self.push {
+            Some(_) => Vec::new(),
+            None => sn
+                .scheduler
+                .parents(now, id, &blob.digest)
+                .unwrap_or_default(),
+        };
         let layout = blob.layout;
         let from = layout.whole_groups(p.hashes_told.min(hashes));
         p.hashes_told = hashes;
@@ -1119,6 +1159,7 @@ impl Sim {
                 p.answer_at = None;
                 let planner = p.planner.as_mut().expect("joined");
                 planner.tell(Told::Offer(hashes, parents));
+                self.hashes_in(t, pull, hashes);
                 self.touch(pull);
             }
         }
@@ -1204,6 +1245,7 @@ impl Sim {
             p.answer_at = None;
             if let Some(planner) = p.planner.as_mut() {
                 planner.tell(Told::Offer(o.hashes, o.parents));
+                self.hashes_in(t, o.pull, o.hashes);
                 self.touch(o.pull);
             }
         }
@@ -1530,6 +1572,17 @@ impl Sim {
                     let b = &self.blobs[blob as usize];
                     (b.digest, b.layout)
                 };
+                if let Some((trees, _)) = &self.push {
+                    let root = trees.root(piece);
+                    let len = u64::from(layout.len_of(PieceIndex(piece)).unwrap_or(0));
+                    let tag = Tag::Piece {
+                        pull: self.pull_of(root, blob),
+                        piece,
+                        src: Src::Seed,
+                        extra: false,
+                    };
+                    self.push_piece(t, self.seed_host(sn), root, len, tag);
+                }
                 let seed = seed_id(sn);
                 let s = &mut self.sns[sn];
                 s.seeded.insert(blob, piece + 1);
@@ -1554,8 +1607,12 @@ impl Sim {
                 src,
                 extra,
             } => {
-                self.release(d.from, src, extra);
                 let layout = self.blobs[self.pulls[pull as usize].blob as usize].layout;
+                if self.push.is_some() && src != Src::Registry {
+                    self.pushed(t, d.from, d.to, pull, piece);
+                } else {
+                    self.release(d.from, src, extra);
+                }
                 let len = u64::from(layout.len_of(PieceIndex(piece)).unwrap_or(0));
                 match src {
                     Src::Peer => self.bytes.peer += len,
@@ -1564,32 +1621,103 @@ impl Sim {
                 }
                 let p = &mut self.pulls[pull as usize];
                 let planner = p.planner.as_mut().expect("joined");
-                let complete = planner.done(now, PieceIndex(piece), &mut p.prefix);
+                let complete = planner.done(now, PieceIndex(piece), &mut p.prefix)
+                    && (self.push.is_none() || p.hashes_in >= layout.count());
                 p.haves.push(PieceIndex(piece));
                 self.touch(pull);
                 if !complete {
                     return None;
                 }
-                let p = &mut self.pulls[pull as usize];
-                p.done = true;
-                let node = p.node;
-                // The last announcement, as the driver sends it when the blob is complete.
-                let (sn, blob) = (p.sn, p.blob);
-                let haves = std::mem::take(&mut p.haves);
-                if self.sns[sn].alive {
-                    let digest = self.blobs[blob as usize].digest;
-                    let _ = self.sns[sn]
-                        .scheduler
-                        .have(now, node_id(node), &digest, &haves);
-                }
-                let n = &mut self.nodes[node as usize];
-                n.pulls_left -= 1;
-                if n.pulls_left == 0 && !self.left[node as usize] {
-                    n.done_at = Some(t);
-                    return Some(node);
-                }
-                None
+                self.pull_done(t, pull)
             }
+        }
+    }
+
+    /// A pull has every piece: the node announces it, and is done once all its pulls are.
+    fn pull_done(&mut self, t: f64, pull: u32) -> Option<u32> {
+        let now = self.now(t);
+        let p = &mut self.pulls[pull as usize];
+        p.done = true;
+        let node = p.node;
+        // The last announcement, as the driver sends it when the blob is complete.
+        let (sn, blob) = (p.sn, p.blob);
+        let haves = std::mem::take(&mut p.haves);
+        if self.sns[sn].alive {
+            let digest = self.blobs[blob as usize].digest;
+            let _ = self.sns[sn]
+                .scheduler
+                .have(now, node_id(node), &digest, &haves);
+        }
+        let n = &mut self.nodes[node as usize];
+        n.pulls_left -= 1;
+        if n.pulls_left == 0 && !self.left[node as usize] {
+            n.done_at = Some(t);
+            return Some(node);
+        }
+        None
+    }
+
+    /// Hashes of the first `hashes` pieces reached a pull: with push trees its pieces may
+    /// all be in already, and then it is done.
+    fn hashes_in(&mut self, t: f64, pull: u32, hashes: u32) {
+        let p = &mut self.pulls[pull as usize];
+        p.hashes_in = p.hashes_in.max(hashes);
+        if self.push.is_none() || p.done {
+            return;
+        }
+        let count = self.blobs[p.blob as usize].layout.count();
+        let all_in = p.planner.as_ref().is_some_and(|l| l.have.is_full());
+        if all_in && p.hashes_in >= count && self.pull_done(t, pull).is_some() {
+            self.finished_with_hashes += 1;
+        }
+    }
+
+    fn pull_of(&self, node: Host, blob: u32) -> u32 {
+        (node as usize * self.blobs.len() + blob as usize) as u32
+    }
+
+    /// Push trees: a piece goes on the stream from `from` to `to`, after those before it.
+    fn push_piece(&mut self, t: f64, from: Host, to: Host, len: u64, tag: Tag) {
+        let (_, lines) = self.push.as_mut().expect("push trees");
+        if let Some(item) = lines.queue(from, to, (len, tag)) {
+            self.start_pushed(t, from, to, item);
+        }
+    }
+
+    /// Push trees: a piece came down the stream from `from` to `to`. The next on that
+    /// stream goes, and the receiver sends this one on to its children in the piece's
+    /// stripe.
+    fn pushed(&mut self, t: f64, from: Host, to: Host, pull: u32, piece: u32) {
+        let (_, lines) = self.push.as_mut().expect("push trees");
+        if let Some(item) = lines.ended(from, to) {
+            self.start_pushed(t, from, to, item);
+        }
+        let (trees, _) = self.push.as_ref().expect("push trees");
+        let children = trees.children(to, piece).to_vec();
+        let blob = self.pulls[pull as usize].blob;
+        let len = u64::from(
+            self.blobs[blob as usize]
+                .layout
+                .len_of(PieceIndex(piece))
+                .unwrap_or(0),
+        );
+        for child in children {
+            let tag = Tag::Piece {
+                pull: self.pull_of(child, blob),
+                piece,
+                src: Src::Peer,
+                extra: false,
+            };
+            self.push_piece(t, to, child, len, tag);
+        }
+    }
+
+    /// A pushed piece's bytes leave now and arrive half a round trip later.
+    fn start_pushed(&mut self, t: f64, from: Host, to: Host, (len, tag): (u64, Tag)) {
+        if self.rtt > 0.0 {
+            self.answer(t + self.rtt / 2.0, Answer::Piece { from, to, len, tag });
+        } else {
+            self.net.start(from, to, len, tag);
         }
     }
 
@@ -1861,6 +1989,43 @@ mod tests {
             run.table()
         );
         assert!((direct.registry_egress_ratio - 20.0).abs() < 0.01);
+    }
+
+    #[test]
+    fn push_trees_send_each_piece_once_per_node_and_the_seed_sends_the_image_once() {
+        let args = "--nodes 40 --image-size 32MiB --layers 2 --bandwidth 100mbit";
+        let mesh = sim(args).shoal;
+        let run = sim(&format!("{args} --push-stripes 4"));
+        let push = &run.shoal;
+        assert_eq!(push.failures, 0, "{}", run.table());
+        assert_eq!(push.node_completion_s.len(), 40);
+        assert_eq!(push.seed_bytes, 32 << 20, "the seed sends each piece once");
+        assert_eq!(push.fallback_bytes, 0);
+        assert_eq!(
+            push.peer_bytes,
+            39 * (32 << 20),
+            "every other copy from a peer"
+        );
+        assert!(push.registry_egress_ratio <= 1.05, "{}", run.table());
+        // No parents in the answers: hashes only.
+        assert!(push.supernode_answer_bytes < mesh.supernode_answer_bytes);
+        // The trees fill both links; the mesh leaves some unused (1.34x S/B here, 1.13x).
+        assert!(
+            push.completion_s.p50 < mesh.completion_s.p50,
+            "push {} s, mesh {} s",
+            push.completion_s.p50,
+            mesh.completion_s.p50
+        );
+    }
+
+    #[test]
+    fn push_trees_are_refused_with_churn() {
+        for churn in ["--late 0.1", "--leave 0.1", "--supernode-dies-at 1"] {
+            let flags = format!("sim --push-stripes 4 {churn}");
+            let cli = Cli::try_parse_from(flags.split_whitespace()).unwrap();
+            let error = run(&cli.sim).unwrap_err().to_string();
+            assert!(error.contains("--push-stripes"), "{churn}: {error}");
+        }
     }
 
     #[test]
@@ -2151,6 +2316,9 @@ mod tests {
             ("--bandwidth", "1kbit"),
             ("--supernodes", "0"),
             ("--supernodes", "256"),
+            ("--push-stripes", "1"),
+            ("--push-stripes", "65"),
+            ("--push-stripes", "2000"),
         ] {
             let cli = Cli::try_parse_from(["sim", &format!("{flag}={value}")]).unwrap();
             let error = run(&cli.sim).unwrap_err().to_string();
