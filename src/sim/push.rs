@@ -8,7 +8,8 @@
 //! children at once, unasked, one piece at a time per child (a stream per child). Every
 //! node then sends one stripe at its whole upload and receives each stripe at 1/k of its
 //! download: both links full by construction. Nodes still check each piece against the
-//! hashes from the supernode, whose answers then carry no parents.
+//! hashes from the supernode, whose answers then carry no parents; and a node fed by its
+//! streams asks the supernode every REFRESH, not as soon as nothing is in flight.
 //!
 //! Not modelled: nodes that join late or leave (a tree would need repair), and a forwarder
 //! that sends bad data (its subtree would fall back to asking).
