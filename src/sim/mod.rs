@@ -785,7 +785,7 @@ impl Sim {
             outbound: VecDeque::new(),
             push: (args.push_stripes > 0).then(|| {
                 (
-                    push::Trees::new(n as u32, args.push_stripes),
+                    push::Trees::new(n as u32, args.push_stripes, node_id),
                     push::Lines::<(u64, Tag)>::new(),
                 )
             }),

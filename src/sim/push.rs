@@ -1,24 +1,28 @@
 //! Stripe trees with push, as a model (`shoal sim --push-stripes K`): a design that
-//! shoald and shoal-supernode do not have yet, measured here before it is built.
+//! shoald does not have yet, measured here before it is built.
 //!
-//! Piece `i` of a blob is in stripe `i % k`, and node `n` forwards stripe `n % k`. The
-//! forwarders of a stripe form a complete k-ary tree in node order, its root fed by the
-//! seed; every other node hangs under a forwarder of that stripe with room, deepest first.
-//! A node that receives a piece of the stripe it forwards sends it on to each of its
-//! children at once, unasked, one piece at a time per child (a stream per child). Every
-//! node then sends one stripe at its whole upload and receives each stripe at 1/k of its
-//! download: both links full by construction. Nodes still check each piece against the
-//! hashes from the supernode, whose answers then carry no parents; and a node fed by its
-//! streams asks the supernode every REFRESH, not as soon as nothing is in flight.
+//! Who feeds whom is the supernode's [`StripeTrees`], each node joining in order: piece
+//! `i` is in stripe `i % k`, each node forwards one stripe down a k-ary tree of the
+//! stripe's forwarders, and the other nodes hang under them as leaves. A node that receives
+//! a piece of the stripe it forwards sends it on to each of its children at once, unasked,
+//! one piece at a time per child (a stream per child). Every node then sends one stripe at
+//! its whole upload and receives each stripe at 1/k of its download: both links full by
+//! construction. Nodes still check each piece against the hashes from the supernode,
+//! whose answers then carry no parents; and a node fed by its streams asks the supernode
+//! every REFRESH, not as soon as nothing is in flight.
 //!
-//! Not modelled: nodes that join late or leave (a tree would need repair), and a forwarder
-//! that sends bad data (its subtree would fall back to asking).
+//! Not modelled: nodes that join late or leave (the trees repair themselves, but the
+//! pieces a stream missed would come from the mesh), and a forwarder that sends bad data
+//! (its subtree would fall back to asking).
 
 use std::collections::{HashMap, VecDeque};
 
+use shoal_proto::message::NodeId;
+use shoal_supernode::stripes::StripeTrees;
+
 use super::net::Host;
 
-/// Who feeds whom, per stripe. Nodes are hosts `0..nodes`.
+/// The trees of a swarm that stays as it started, by host. Nodes are hosts `0..nodes`.
 #[derive(Debug)]
 pub struct Trees {
     k: u32,
@@ -29,37 +33,22 @@ pub struct Trees {
 }
 
 impl Trees {
-    /// Trees of `k` stripes over `nodes` nodes (`2 <= k <= nodes`).
-    pub fn new(nodes: u32, k: u32) -> Self {
-        assert!(k >= 2 && k <= nodes, "2 <= k <= nodes");
-        let mut children = vec![Vec::new(); nodes as usize];
-        let mut roots = Vec::with_capacity(k as usize);
-        let fanout = k as usize;
-        for stripe in 0..k {
-            let forwarders: Vec<Host> = (stripe..nodes).step_by(fanout).collect();
-            roots.push(forwarders[0]);
-            for (j, &f) in forwarders.iter().enumerate().skip(1) {
-                children[forwarders[(j - 1) / fanout] as usize].push(f);
-            }
-            // The deepest forwarders take the other nodes; when every forwarder is full
-            // (fewer forwarders in this stripe than in others), the least loaded does.
-            let mut at = forwarders.len() - 1;
-            for leaf in (0..nodes).filter(|n| n % k != stripe) {
-                while at > 0 && children[forwarders[at] as usize].len() >= fanout {
-                    at -= 1;
-                }
-                let parent = if children[forwarders[at] as usize].len() < fanout {
-                    forwarders[at]
-                } else {
-                    *forwarders
-                        .iter()
-                        .rev()
-                        .min_by_key(|&&f| children[f as usize].len())
-                        .expect("a stripe has a forwarder")
-                };
-                children[parent as usize].push(leaf);
-            }
+    /// The supernode's trees of `k` stripes once `nodes` nodes joined in order; `id` names
+    /// a host's node.
+    pub fn new(nodes: u32, k: u32, id: impl Fn(Host) -> NodeId) -> Self {
+        let mut trees = StripeTrees::new(k);
+        let host: HashMap<NodeId, Host> = (0..nodes).map(|h| (id(h), h)).collect();
+        for h in 0..nodes {
+            trees.join(id(h));
         }
+        let children = (0..nodes)
+            .map(|h| trees.children(id(h)).iter().map(|c| host[c]).collect())
+            .collect();
+        let roots = (0..k)
+            .map(|s| trees.root(s).map_or(0, |r| host[&r]))
+            .collect();
+        // Each node forwards stripe `h % k` (joins fill the stripes in turn).
+        debug_assert!((0..nodes).all(|h| trees.stripe_of(id(h)) == Some(h % k)));
         Trees { k, children, roots }
     }
 
@@ -122,7 +111,7 @@ mod tests {
     #[test]
     fn every_node_gets_every_stripe_once_from_a_shallow_tree() {
         for (nodes, k) in [(2, 2), (7, 4), (50, 4), (1000, 8), (1001, 4), (333, 16)] {
-            let trees = Trees::new(nodes, k);
+            let trees = Trees::new(nodes, k, |h| NodeId(u64::from(h) + 7));
             for piece in 0..k {
                 let mut got = vec![0u32; nodes as usize];
                 let mut level = vec![trees.root(piece)];
