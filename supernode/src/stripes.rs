@@ -36,6 +36,8 @@ pub struct StripeTrees {
     k: usize,
     members: HashMap<NodeId, Member>,
     stripes: Vec<Stripe>,
+    /// Nodes whose feed of a stripe changed since [`StripeTrees::take_changes`].
+    changes: Vec<(NodeId, u32)>,
 }
 
 #[derive(Debug, Default)]
@@ -67,6 +69,7 @@ impl StripeTrees {
             k,
             members: HashMap::new(),
             stripes: (0..k).map(|_| Stripe::default()).collect(),
+            changes: Vec::new(),
         }
     }
 
@@ -109,6 +112,15 @@ impl StripeTrees {
         let mut children = st.forwarders.get(first..end).unwrap_or(&[]).to_vec();
         children.extend_from_slice(&st.leaves[m.position]);
         children
+    }
+
+    /// Who must be told of a new feed since the last call: each (node, stripe) whose
+    /// [`StripeTrees::feed`] changed (or may have; a node that left may be named).
+    pub fn take_changes(&mut self) -> Vec<(NodeId, u32)> {
+        let mut changes = std::mem::take(&mut self.changes);
+        changes.sort_unstable();
+        changes.dedup();
+        changes
     }
 
     /// The node that the seed feeds with `stripe`.
@@ -186,6 +198,7 @@ impl StripeTrees {
         if let Some(leaf) = self.stripes[s].leaves[from].pop() {
             self.stripes[s].leaves[to].push(leaf);
             self.members.get_mut(&leaf).expect("member").under[s] = Some(to);
+            self.changes.push((leaf, s as u32));
         }
         self.refresh(s, from);
         self.refresh(s, to);
@@ -198,6 +211,7 @@ impl StripeTrees {
         self.stripes[s].leaves.push(Vec::new());
         self.members.get_mut(&node).expect("member").position = at;
         self.members.get_mut(&node).expect("member").under[s] = None;
+        self.changes.push((node, s as u32));
         if at == 0 {
             // The stripe had no forwarder: every other member hangs under this one now.
             let waiting: Vec<NodeId> = self
@@ -246,9 +260,17 @@ impl StripeTrees {
         if at != last {
             st.forwarders[at] = moved;
             self.members.get_mut(&moved).expect("member").position = at;
+            // The moved forwarder has a new parent, and the children of its new place a
+            // new one too.
+            let first = at * self.k + 1;
+            let end = (first + self.k).min(st.forwarders.len());
+            let fed = st.forwarders.get(first..end).unwrap_or(&[]).iter();
+            let fed = fed.chain(&st.leaves[at]).chain(std::iter::once(&moved));
+            self.changes.extend(fed.map(|&n| (n, s as u32)));
         }
         for leaf in &orphans {
             self.members.get_mut(leaf).expect("member").under[s] = None;
+            self.changes.push((*leaf, s as u32));
         }
         if last > 0 {
             self.refresh(s, (last - 1) / self.k);
@@ -288,6 +310,7 @@ impl StripeTrees {
         };
         self.stripes[s].leaves[at].push(node);
         self.members.get_mut(&node).expect("member").under[s] = Some(at);
+        self.changes.push((node, s as u32));
         self.refresh(s, at);
     }
 
@@ -412,13 +435,31 @@ mod tests {
             ops in proptest::collection::vec((any::<bool>(), 0u64..60), 1..300),
         ) {
             let mut trees = StripeTrees::new(k);
+            let feeds = |trees: &StripeTrees| -> Vec<(NodeId, u32, Option<Feed>)> {
+                let mut all: Vec<_> = trees
+                    .members
+                    .keys()
+                    .flat_map(|&n| (0..k).map(move |s| (n, s)))
+                    .map(|(n, s)| (n, s, trees.feed(n, s)))
+                    .collect();
+                all.sort_unstable_by_key(|&(n, s, _)| (n, s));
+                all
+            };
             for (join, id) in ops {
+                let before = feeds(&trees);
                 if join {
                     trees.join(NodeId(id));
                 } else {
                     trees.leave(NodeId(id));
                 }
                 check(&trees);
+                let changes = trees.take_changes();
+                for (n, s, feed) in feeds(&trees) {
+                    let was = before.iter().find(|b| (b.0, b.1) == (n, s)).map(|b| b.2);
+                    if was.flatten() != feed {
+                        prop_assert!(changes.contains(&(n, s)), "{n:?} stripe {s}: {was:?} -> {feed:?}");
+                    }
+                }
             }
         }
     }
