@@ -132,7 +132,7 @@ pub struct SimArgs {
     pub upload_link_known: bool,
     /// Model stripe trees with push, a design shoald does not have yet: K stripes, each
     /// node forwarding one to its children as pieces arrive, unasked (0 = off: the mesh
-    /// that shoald runs). Only for a swarm without late joins, leaves or a dying supernode
+    /// that shoald runs). Not with --supernode-dies-at
     #[arg(long, default_value_t = 0)]
     pub push_stripes: u32,
     /// Threads for the planners' decisions (0 = one per core); results do not depend on it
@@ -189,10 +189,8 @@ impl SimArgs {
             "--push-stripes must be 0 (off) or between 2 and {MAX_STRIPES} and at most --nodes"
         );
         anyhow::ensure!(
-            self.push_stripes == 0
-                || (self.late == 0.0 && self.leave == 0.0 && self.supernode_dies_at.is_none()),
-            "--push-stripes models a swarm that stays as it started: no --late, --leave or \
-             --supernode-dies-at (its trees would need repair)"
+            self.push_stripes == 0 || self.supernode_dies_at.is_none(),
+            "--push-stripes does not model a supernode that dies: no --supernode-dies-at"
         );
         anyhow::ensure!(
             self.max_upload_peers > 0,
@@ -588,7 +586,7 @@ struct Sim {
     /// Questions and announcements on their way to supernodes, in the order they arrive.
     outbound: VecDeque<Outbound>,
     /// `--push-stripes`: the trees, and the streams from parents to children.
-    push: Option<(push::Trees, push::Lines<(u64, Tag)>)>,
+    push: Option<push::Push>,
     /// Nodes that finished when their last hashes arrived (not with a piece).
     finished_with_hashes: usize,
 }
@@ -784,10 +782,8 @@ impl Sim {
             held: Vec::new(),
             outbound: VecDeque::new(),
             push: (args.push_stripes > 0).then(|| {
-                (
-                    push::Trees::new(n as u32, args.push_stripes, node_id),
-                    push::Lines::<(u64, Tag)>::new(),
-                )
+                let ids = (0..n as u32).map(node_id).collect();
+                push::Push::new(args.push_stripes, ids, n * args.layers)
             }),
             finished_with_hashes: 0,
         })
@@ -961,6 +957,10 @@ impl Sim {
                 self.move_to_next_supernode(pull as u32);
             }
             self.ask(t, pull as u32);
+        }
+        if let Some(push) = self.push.as_mut() {
+            let moved = push.trees.join(node);
+            self.restream(t, moved);
         }
     }
 
@@ -1574,16 +1574,9 @@ impl Sim {
                     let b = &self.blobs[blob as usize];
                     (b.digest, b.layout)
                 };
-                if let Some((trees, _)) = &self.push {
-                    let root = trees.root(piece);
-                    let len = u64::from(layout.len_of(PieceIndex(piece)).unwrap_or(0));
-                    let tag = Tag::Piece {
-                        pull: self.pull_of(root, blob),
-                        piece,
-                        src: Src::Seed,
-                        extra: false,
-                    };
-                    self.push_piece(t, self.seed_host(sn), root, len, tag);
+                if let Some(root) = self.push.as_ref().and_then(|p| p.trees.root(piece)) {
+                    let pull = self.pull_of(root, blob);
+                    self.push_to(t, self.seed_host(sn), root, pull, piece, Src::Seed);
                 }
                 let seed = seed_id(sn);
                 let s = &mut self.sns[sn];
@@ -1678,58 +1671,21 @@ impl Sim {
         (node as usize * self.blobs.len() + blob as usize) as u32
     }
 
-    /// Push trees: a piece goes on the stream from `from` to `to`, after those before it.
-    fn push_piece(&mut self, t: f64, from: Host, to: Host, len: u64, tag: Tag) {
-        let (_, lines) = self.push.as_mut().expect("push trees");
-        if let Some(item) = lines.queue(from, to, (len, tag)) {
-            self.start_pushed(t, from, to, item);
-        }
-    }
-
-    /// Push trees: a piece came down the stream from `from` to `to`. The next on that
-    /// stream goes, and the receiver sends this one on to its children in the piece's
-    /// stripe.
-    fn pushed(&mut self, t: f64, from: Host, to: Host, pull: u32, piece: u32) {
-        let (_, lines) = self.push.as_mut().expect("push trees");
-        if let Some((len, tag)) = lines.ended(from, to) {
-            // Its bytes follow the last one's on the stream: no gap on the link.
-            self.net.start(from, to, len, tag);
-        }
-        let (trees, _) = self.push.as_ref().expect("push trees");
-        let children = trees.children(to, piece).to_vec();
-        let blob = self.pulls[pull as usize].blob;
-        let len = u64::from(
-            self.blobs[blob as usize]
-                .layout
-                .len_of(PieceIndex(piece))
-                .unwrap_or(0),
-        );
-        for child in children {
-            let tag = Tag::Piece {
-                pull: self.pull_of(child, blob),
-                piece,
-                src: Src::Peer,
-                extra: false,
-            };
-            self.push_piece(t, to, child, len, tag);
-        }
-    }
-
-    /// A pushed piece's bytes leave now and arrive half a round trip later (on a stream
-    /// that was idle: behind another piece they follow it at once).
-    fn start_pushed(&mut self, t: f64, from: Host, to: Host, (len, tag): (u64, Tag)) {
-        if self.rtt > 0.0 {
-            self.answer(t + self.rtt / 2.0, Answer::Piece { from, to, len, tag });
-        } else {
-            self.net.start(from, to, len, tag);
-        }
-    }
-
     /// A failed flow: the receiving pull's planner hears of it.
     fn cut_flow(&mut self, t: f64, d: Done<Tag>) {
         let now = self.now(t);
-        if let Tag::Piece { src, extra, .. } = d.tag {
-            self.release(d.from, src, extra);
+        if let Tag::Piece {
+            src,
+            extra,
+            pull,
+            piece,
+        } = d.tag
+        {
+            if self.push.is_some() && src != Src::Registry {
+                self.push_cut(d.from, d.to, pull, piece);
+            } else {
+                self.release(d.from, src, extra);
+            }
         }
         if let Tag::Piece { pull, piece, .. } = d.tag
             && self.tell(
@@ -1749,6 +1705,10 @@ impl Sim {
         }
         for sn in self.sns.iter_mut().filter(|s| s.alive) {
             sn.scheduler.leave(node_id(node));
+        }
+        if let Some(push) = self.push.as_mut() {
+            let moved = push.trees.leave(node);
+            self.restream(t, moved);
         }
     }
 
@@ -2023,13 +1983,19 @@ mod tests {
     }
 
     #[test]
-    fn push_trees_are_refused_with_churn() {
-        for churn in ["--late 0.1", "--leave 0.1", "--supernode-dies-at 1"] {
-            let flags = format!("sim --push-stripes 4 {churn}");
-            let cli = Cli::try_parse_from(flags.split_whitespace()).unwrap();
-            let error = run(&cli.sim).unwrap_err().to_string();
-            assert!(error.contains("--push-stripes"), "{churn}: {error}");
-        }
+    fn push_trees_mend_as_nodes_join_late_and_leave_and_lose_nothing() {
+        let args = "--nodes 60 --image-size 32MiB --layers 2 --bandwidth 100mbit --late 0.3 \
+                    --join-window 2 --leave 0.2 --push-stripes 4";
+        let outcome = sim(args);
+        let push = &outcome.shoal;
+        assert_eq!(push.failures, 0, "{}", outcome.table());
+        let finished = push.node_completion_s.len();
+        assert!((40..60).contains(&finished), "{finished} nodes finished");
+        assert_eq!(push.fallback_bytes, 0, "the streams brought every piece");
+        assert!(push.registry_egress_ratio <= 1.05, "{}", outcome.table());
+        let cli = Cli::try_parse_from(["sim", "--push-stripes=4", "--supernode-dies-at=1"]);
+        let error = run(&cli.unwrap().sim).unwrap_err().to_string();
+        assert!(error.contains("--push-stripes"), "{error}");
     }
 
     #[test]
