@@ -1682,7 +1682,7 @@ impl Sim {
         } = d.tag
         {
             if self.push.is_some() && src != Src::Registry {
-                self.push_cut(d.from, d.to, pull, piece);
+                self.push_cut(t, d.from, d.to, pull, piece);
             } else {
                 self.release(d.from, src, extra);
             }

@@ -93,7 +93,9 @@ impl Sim {
     }
 
     /// A pushed piece's flow was cut (a host left): the stream from `from` to `to` ends.
-    pub(super) fn push_cut(&mut self, from: Host, to: Host, pull: u32, piece: u32) {
+    /// The stream the receiver has now for the piece's stripe, if another, sends it (it
+    /// was on its way on an old stream when that one's source began its catch-up).
+    pub(super) fn push_cut(&mut self, t: f64, from: Host, to: Host, pull: u32, piece: u32) {
         let push = self.push.as_mut().expect("push trees");
         push.coming[pull as usize].remove(&piece);
         for (_, tag) in push.lines.close(from, to) {
@@ -101,24 +103,43 @@ impl Sim {
                 push.coming[pull as usize].remove(&piece);
             }
         }
+        let stripe = push.trees.stripe(piece);
+        let Some(source) = push.trees.feeds[to as usize][stripe as usize] else {
+            return;
+        };
+        let blob = self.pulls[pull as usize].blob;
+        let host = self.source_host(source, to, blob);
+        if host != from && self.source_has(source, to, blob, piece) {
+            let src = match source {
+                Source::Seed => Src::Seed,
+                Source::Node(_) => Src::Peer,
+            };
+            self.push_to(t, host, to, pull, piece, src);
+        }
     }
 
     /// Streams moved by a join or a leave: the old one ends, and the new source sends
     /// what it has of the stripe that the node lacks, in order, then each new piece.
     pub(super) fn restream(&mut self, t: f64, moved: Vec<Moved>) {
-        for m in moved {
+        // Old streams end first: a stream from a node that feeds another stripe now
+        // must not take the new stripe's pieces down with it.
+        for m in &moved {
             for blob in 0..self.blobs.len() as u32 {
                 let Some(from) = m.from else {
                     break;
                 };
                 let host = self.source_host(from, m.node, blob);
                 let push = self.push.as_mut().expect("push trees");
-                for (_, tag) in push.lines.close(host, m.node) {
+                let k = push.trees.k;
+                let of_stripe = |(_, tag): &(u64, Tag)| matches!(tag, Tag::Piece { piece, .. } if piece % k == m.stripe);
+                for (_, tag) in push.lines.close_if(host, m.node, of_stripe) {
                     if let Tag::Piece { pull, piece, .. } = tag {
                         push.coming[pull as usize].remove(&piece);
                     }
                 }
             }
+        }
+        for m in &moved {
             let Some(to) = m.to else {
                 continue;
             };
@@ -317,10 +338,24 @@ impl<T> Lines<T> {
     /// The stream from `from` to `to` ends: the pieces queued on it are returned (the
     /// one on its way, if any, still arrives, and nothing follows it).
     pub fn close(&mut self, from: Host, to: Host) -> Vec<T> {
-        match self.lines.get_mut(&(from, to)) {
-            Some((_, queue)) => queue.drain(..).collect(),
-            None => Vec::new(),
+        self.close_if(from, to, |_| true)
+    }
+
+    /// The queued pieces of the stream from `from` to `to` that `drop` picks are taken off
+    /// it and returned; the others stay, in order.
+    pub fn close_if(&mut self, from: Host, to: Host, drop: impl Fn(&T) -> bool) -> Vec<T> {
+        let Some((_, queue)) = self.lines.get_mut(&(from, to)) else {
+            return Vec::new();
+        };
+        let mut dropped = Vec::new();
+        for item in std::mem::take(queue) {
+            if drop(&item) {
+                dropped.push(item);
+            } else {
+                queue.push_back(item);
+            }
         }
+        dropped
     }
 }
 
@@ -394,6 +429,17 @@ mod tests {
         assert_eq!(lines.close(1, 2), vec!['b', 'c']);
         assert_eq!(lines.ended(1, 2), None);
         assert_eq!(lines.close(1, 2), Vec::<char>::new());
+        // Only what is picked goes: a stream that carried one stripe and now carries
+        // another keeps the new one's pieces.
+        let mut lines = Lines::new();
+        assert_eq!(lines.queue(3, 4, 1), Some(1));
+        for piece in [5, 2, 9, 6] {
+            assert_eq!(lines.queue(3, 4, piece), None);
+        }
+        assert_eq!(lines.close_if(3, 4, |p| p % 4 == 1), vec![5, 9]);
+        assert_eq!(lines.ended(3, 4), Some(2));
+        assert_eq!(lines.ended(3, 4), Some(6));
+        assert_eq!(lines.ended(3, 4), None);
     }
 
     #[test]
