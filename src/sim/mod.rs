@@ -1993,6 +1993,11 @@ mod tests {
         assert!((40..60).contains(&finished), "{finished} nodes finished");
         assert_eq!(push.fallback_bytes, 0, "the streams brought every piece");
         assert!(push.registry_egress_ratio <= 1.05, "{}", outcome.table());
+        // The trees do not depend on the order of a hash map: the same run again.
+        assert_eq!(
+            serde_json::to_value(push).unwrap(),
+            serde_json::to_value(&sim(args).shoal).unwrap()
+        );
         let cli = Cli::try_parse_from(["sim", "--push-stripes=4", "--supernode-dies-at=1"]);
         let error = run(&cli.unwrap().sim).unwrap_err().to_string();
         assert!(error.contains("--push-stripes"), "{error}");

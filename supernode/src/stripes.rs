@@ -214,12 +214,14 @@ impl StripeTrees {
         self.changes.push((node, s as u32));
         if at == 0 {
             // The stripe had no forwarder: every other member hangs under this one now.
-            let waiting: Vec<NodeId> = self
+            let mut waiting: Vec<NodeId> = self
                 .members
                 .iter()
                 .filter(|(n, m)| **n != node && m.stripe != s && m.under[s].is_none())
                 .map(|(n, _)| *n)
                 .collect();
+            // In a fixed order: the same joins and leaves make the same trees.
+            waiting.sort_unstable();
             for n in waiting {
                 self.place(s, n);
             }
