@@ -11,9 +11,11 @@
 //! whose answers then carry no parents; and a node fed by its streams asks the supernode
 //! every REFRESH, not as soon as nothing is in flight.
 //!
-//! Not modelled: nodes that join late or leave (the trees repair themselves, but the
-//! pieces a stream missed would come from the mesh), and a forwarder that sends bad data
-//! (its subtree would fall back to asking).
+//! When nodes join late or leave, the trees mend and name the streams that moved: the old
+//! stream ends, and the new source first sends, in order, the pieces of the stripe it has
+//! and the node lacks, then each new one. Not modelled: the mesh beside the streams (no
+//! piece is asked for), a supernode that dies, and a forwarder that sends bad data (its
+//! subtree would fall back to asking).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
