@@ -38,6 +38,8 @@ use shoal_proto::message::NodeId;
 use shoal_proto::message::{Parent, PieceSet, Uploads};
 use shoal_proto::{BlobDigest, PieceIndex, PieceLayout};
 
+use crate::stripes::StripeTrees;
+
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
     /// Parents handed out per answer.
@@ -52,6 +54,9 @@ pub struct SchedulerConfig {
     /// Pieces a seed gives one asker before others get theirs: the asker's share of
     /// pieces only it holds (see [`Scheduler::parents`]).
     pub seed_offer: usize,
+    /// Stripes of each task's [`StripeTrees`], which every node that wants the blob joins
+    /// (0: none). Only `shoal sim --push-stripes` sets it so far: shoald does not push.
+    pub stripes: u32,
 }
 
 impl Default for SchedulerConfig {
@@ -63,6 +68,7 @@ impl Default for SchedulerConfig {
             peer_timeout: Duration::from_secs(30),
             sample: 32,
             seed_offer: 2,
+            stripes: 0,
         }
     }
 }
@@ -109,10 +115,12 @@ struct Task {
     seed_sent: Vec<Option<Instant>>,
     /// Per asker: pieces a seed offered it recently, and when.
     seed_gifts: HashMap<NodeId, Vec<(PieceIndex, Instant)>>,
+    /// Who forwards which stripe to whom, with `stripes` set.
+    trees: Option<StripeTrees>,
 }
 
 impl Task {
-    fn new(layout: PieceLayout) -> Self {
+    fn new(layout: PieceLayout, stripes: u32) -> Self {
         let count = layout.count() as usize;
         Task {
             layout,
@@ -123,11 +131,15 @@ impl Task {
             seed_offered: vec![None; count],
             seed_sent: vec![None; count],
             seed_gifts: HashMap::new(),
+            trees: (stripes > 0).then(|| StripeTrees::new(stripes)),
         }
     }
 
     fn remove_holder(&mut self, node: &NodeId, is_seed: bool) {
         self.seed_gifts.remove(node);
+        if let Some(trees) = self.trees.as_mut() {
+            trees.leave(*node);
+        }
         self.stocked.swap_remove(node);
         if let Some(set) = self.holders.swap_remove(node)
             && !is_seed
@@ -267,12 +279,18 @@ impl Scheduler {
     ) -> Result<bool, ScheduleError> {
         self.touch(now, node)?;
         let mut created = false;
+        let stripes = self.config.stripes;
         let task = self.tasks.entry(digest).or_insert_with(|| {
             created = true;
-            Task::new(layout)
+            Task::new(layout, stripes)
         });
         if task.layout != layout {
             return Err(ScheduleError::LayoutMismatch);
+        }
+        if let Some(trees) = task.trees.as_mut()
+            && !self.seeds.contains(&node)
+        {
+            trees.join(node);
         }
         task.holders
             .entry(node)
@@ -344,6 +362,18 @@ impl Scheduler {
         self.banned.insert(node);
         self.forget_peer(node);
         Ok(())
+    }
+
+    /// The stripe trees of `digest`'s task (with [`SchedulerConfig::stripes`] set).
+    pub fn stripe_trees(&self, digest: &BlobDigest) -> Option<&StripeTrees> {
+        self.tasks.get(digest)?.trees.as_ref()
+    }
+
+    /// Who in `digest`'s stripe trees has a new feed since the last call (see
+    /// [`StripeTrees::take_changes`]).
+    pub fn take_stripe_changes(&mut self, digest: &BlobDigest) -> Vec<(NodeId, u32)> {
+        let trees = self.tasks.get_mut(digest).and_then(|t| t.trees.as_mut());
+        trees.map(StripeTrees::take_changes).unwrap_or_default()
     }
 
     /// A node dropped a blob.
@@ -570,6 +600,7 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stripes::Feed;
 
     /// A virtual clock: a fixed origin plus whatever the test advances.
     struct Clock(Instant, Duration);
@@ -948,5 +979,39 @@ mod tests {
             );
         }
         assert!(started.elapsed() < Duration::from_secs(30));
+    }
+
+    #[test]
+    fn nodes_that_want_a_blob_join_its_stripe_trees_and_leave_them_when_gone() {
+        let clock = Clock::new();
+        let config = SchedulerConfig {
+            stripes: 2,
+            ..SchedulerConfig::default()
+        };
+        let mut s = Scheduler::new(config);
+        let (digest, seed) = (BlobDigest::of(b"blob"), NodeId(99));
+        let layout = PieceLayout::new(8 << 20, shoal_proto::piece::PIECE_SIZE).unwrap();
+        s.add_seed(seed);
+        s.hello(clock.now(), seed, "a".into(), addr(99)).unwrap();
+        s.want(clock.now(), seed, digest, layout).unwrap();
+        assert!(s.stripe_trees(&digest).unwrap().is_empty(), "a seed feeds the roots");
+        for i in 0..3 {
+            s.hello(clock.now(), NodeId(i), "a".into(), addr(i)).unwrap();
+            s.want(clock.now(), NodeId(i), digest, layout).unwrap();
+        }
+        let trees = s.stripe_trees(&digest).unwrap();
+        assert_eq!(trees.len(), 3);
+        assert_eq!(trees.feed(NodeId(0), 0), Some(Feed::Seed));
+        assert_eq!(trees.feed(NodeId(2), 0), Some(Feed::Node(NodeId(0))));
+        let changes = s.take_stripe_changes(&digest);
+        assert!(changes.contains(&(NodeId(2), 0)), "{changes:?}");
+        s.leave(NodeId(0));
+        let trees = s.stripe_trees(&digest).unwrap();
+        assert_eq!(trees.len(), 2);
+        assert_eq!(trees.feed(NodeId(2), 0), Some(Feed::Seed));
+        assert!(s.take_stripe_changes(&digest).contains(&(NodeId(2), 0)));
+        // Without stripes, no trees.
+        let (s, _, d, _) = setup(3, |_| "a");
+        assert!(s.stripe_trees(&d).is_none());
     }
 }
