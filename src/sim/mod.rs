@@ -691,7 +691,10 @@ impl Sim {
         let base = Instant::now();
         let sns = (0..args.supernodes)
             .map(|k| {
-                let mut scheduler = Scheduler::new(SchedulerConfig::default());
+                let mut scheduler = Scheduler::new(SchedulerConfig {
+                    stripes: args.push_stripes,
+                    ..SchedulerConfig::default()
+                });
                 let seed = seed_id(k);
                 scheduler.add_seed(seed);
                 let _ = scheduler.hello(base, seed, String::new(), seed_addr(k));
@@ -782,7 +785,7 @@ impl Sim {
             held: Vec::new(),
             outbound: VecDeque::new(),
             push: (args.push_stripes > 0).then(|| {
-                let ids = (0..n as u32).map(node_id).collect();
+                let ids = (0..n as u32).map(node_id);
                 push::Push::new(args.push_stripes, ids, n * args.layers)
             }),
             finished_with_hashes: 0,
@@ -958,10 +961,6 @@ impl Sim {
             }
             self.ask(t, pull as u32);
         }
-        if let Some(push) = self.push.as_mut() {
-            let moved = push.trees.join(node);
-            self.restream(t, moved);
-        }
     }
 
     /// The blob's supernode is gone before the node asked: the next in rendezvous order.
@@ -1076,6 +1075,10 @@ impl Sim {
         }
         if start_seed {
             self.seed_fetch(sn_index, blob_index, 0, 0.0);
+        }
+        if self.push.is_some() {
+            // The node joined the blob's stripe trees with its first question.
+            self.restream(t, blob_index);
         }
         // As the supernode does: a node that knows every group hash the seed has, while it
         // still reads, waits for the next one (and a little more), at most HOLD_WANT.
@@ -1574,7 +1577,7 @@ impl Sim {
                     let b = &self.blobs[blob as usize];
                     (b.digest, b.layout)
                 };
-                if let Some(root) = self.push.as_ref().and_then(|p| p.trees.root(piece)) {
+                if let Some(root) = self.push.as_ref().and(self.push_root(blob, piece)) {
                     let pull = self.pull_of(root, blob);
                     self.push_to(t, self.seed_host(sn), root, pull, piece, Src::Seed);
                 }
@@ -1706,9 +1709,10 @@ impl Sim {
         for sn in self.sns.iter_mut().filter(|s| s.alive) {
             sn.scheduler.leave(node_id(node));
         }
-        if let Some(push) = self.push.as_mut() {
-            let moved = push.trees.leave(node);
-            self.restream(t, moved);
+        if self.push.is_some() {
+            for blob in 0..self.blobs.len() as u32 {
+                self.restream(t, blob);
+            }
         }
     }
 
@@ -1814,6 +1818,11 @@ impl Sim {
                 }
             }
             sn.scheduler.expire(now);
+        }
+        if self.push.is_some() {
+            for blob in 0..self.blobs.len() as u32 {
+                self.restream(t, blob);
+            }
         }
     }
 }

@@ -1,21 +1,24 @@
 //! Stripe trees with push, as a model (`shoal sim --push-stripes K`): a design that
 //! shoald does not have yet, measured here before it is built.
 //!
-//! Who feeds whom is the supernode's [`StripeTrees`], each node joining in order: piece
-//! `i` is in stripe `i % k`, each node forwards one stripe down a k-ary tree of the
-//! stripe's forwarders, and the other nodes hang under them as leaves. A node that receives
-//! a piece of the stripe it forwards sends it on to each of its children at once, unasked,
-//! one piece at a time per child (a stream per child). Every node then sends one stripe at
-//! its whole upload and receives each stripe at 1/k of its download: both links full by
-//! construction. Nodes still check each piece against the hashes from the supernode,
-//! whose answers then carry no parents; and a node fed by its streams asks the supernode
-//! every REFRESH, not as soon as nothing is in flight.
+//! Who feeds whom is the blob's supernode's: its scheduler keeps [`StripeTrees`] per task
+//! ([`shoal_supernode::SchedulerConfig::stripes`]), which a node joins when it first asks
+//! for the blob. Piece `i` is in stripe `i % k`, each node forwards one stripe down a
+//! k-ary tree of the stripe's forwarders, and the other nodes hang under them as leaves. A
+//! node that receives a piece of the stripe it forwards sends it on to each of its children
+//! at once, unasked, one piece at a time per child (a stream per child). Every node then
+//! sends one stripe at its whole upload and receives each stripe at 1/k of its download:
+//! both links full by construction. Nodes still check each piece against the hashes from
+//! the supernode, whose answers then carry no parents; and a node fed by its streams asks
+//! the supernode every REFRESH, not as soon as nothing is in flight.
 //!
 //! When nodes join late or leave, the trees mend and name the streams that moved: the old
 //! stream ends, and the new source first sends, in order, the pieces of the stripe it has
 //! and the node lacks, then each new one. Not modelled: the mesh beside the streams (no
 //! piece is asked for), a supernode that dies, and a forwarder that sends bad data (its
 //! subtree would fall back to asking).
+//!
+//! [`StripeTrees`]: shoal_supernode::stripes::StripeTrees
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -28,23 +31,86 @@ use super::{Answer, Sim, Src, Tag};
 
 /// The push model's state.
 pub struct Push {
-    pub trees: Trees,
+    k: u32,
+    hosts: HashMap<NodeId, Host>,
+    /// Per pull and stripe: where its stream comes from now.
+    feeds: Vec<Vec<Option<Source>>>,
     lines: Lines<(u64, Tag)>,
     /// Per pull: pieces queued for it on a stream or on their way.
     coming: Vec<HashSet<u32>>,
 }
 
 impl Push {
-    pub fn new(k: u32, ids: Vec<NodeId>, pulls: usize) -> Self {
+    /// `k` stripes; `ids[h]` is host `h`'s node; `pulls` node-blob pulls in all.
+    pub fn new(k: u32, ids: impl IntoIterator<Item = NodeId>, pulls: usize) -> Self {
         Push {
-            trees: Trees::new(k, ids),
+            k,
+            hosts: ids.into_iter().zip(0..).collect(),
+            feeds: vec![vec![None; k as usize]; pulls],
             lines: Lines::new(),
             coming: vec![HashSet::new(); pulls],
         }
     }
+
+    fn stripe(&self, piece: u32) -> u32 {
+        piece % self.k
+    }
+}
+
+/// Where a stream of a stripe comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Seed,
+    Node(Host),
+}
+
+/// A pull's stream of a stripe now comes from elsewhere.
+#[derive(Debug, Clone, Copy)]
+struct Moved {
+    pull: u32,
+    stripe: u32,
+    from: Option<Source>,
+    to: Option<Source>,
 }
 
 impl Sim {
+    fn push(&self) -> &Push {
+        self.push.as_ref().expect("push trees")
+    }
+
+    fn push_mut(&mut self) -> &mut Push {
+        self.push.as_mut().expect("push trees")
+    }
+
+    /// `blob`'s stripe trees, at the supernode that seeds it.
+    fn trees(&self, blob: u32) -> Option<&StripeTrees> {
+        let b = &self.blobs[blob as usize];
+        self.sns[b.ranked[0]].scheduler.stripe_trees(&b.digest)
+    }
+
+    /// The node the seed sends `piece` of `blob` to.
+    pub(super) fn push_root(&self, blob: u32, piece: u32) -> Option<Host> {
+        let root = self.trees(blob)?.root(self.push().stripe(piece))?;
+        self.push().hosts.get(&root).copied()
+    }
+
+    /// Whom `node` sends `piece` of `blob` on to once it has it (none unless it forwards
+    /// the piece's stripe).
+    fn push_children(&self, node: Host, blob: u32, piece: u32) -> Vec<Host> {
+        let (Some(trees), push) = (self.trees(blob), self.push()) else {
+            return Vec::new();
+        };
+        let id = super::node_id(node);
+        if trees.stripe_of(id) != Some(push.stripe(piece)) {
+            return Vec::new();
+        }
+        let children = trees.children(id);
+        children
+            .iter()
+            .filter_map(|c| push.hosts.get(c).copied())
+            .collect()
+    }
+
     /// `piece` goes on the stream from `from` to `to` (for `pull`), after those before it,
     /// unless the pull has it or it is coming.
     pub(super) fn push_to(
@@ -61,12 +127,17 @@ impl Sim {
             .planner
             .as_ref()
             .is_none_or(|l| l.have.contains(PieceIndex(piece)));
-        let push = self.push.as_mut().expect("push trees");
-        if p.done || has || self.left[to as usize] || !push.coming[pull as usize].insert(piece) {
+        let skip = p.done || has || self.left[to as usize];
+        let len = u64::from(
+            self.blobs[p.blob as usize]
+                .layout
+                .len_of(PieceIndex(piece))
+                .unwrap_or(0),
+        );
+        let push = self.push_mut();
+        if skip || !push.coming[pull as usize].insert(piece) {
             return;
         }
-        let layout = self.blobs[p.blob as usize].layout;
-        let len = u64::from(layout.len_of(PieceIndex(piece)).unwrap_or(0));
         let tag = Tag::Piece {
             pull,
             piece,
@@ -81,14 +152,14 @@ impl Sim {
     /// A piece came down the stream from `from` to `to`. The next on that stream goes,
     /// and the receiver sends this one on to its children in the piece's stripe.
     pub(super) fn pushed(&mut self, t: f64, from: Host, to: Host, pull: u32, piece: u32) {
-        let push = self.push.as_mut().expect("push trees");
+        let push = self.push_mut();
         push.coming[pull as usize].remove(&piece);
         if let Some((len, tag)) = push.lines.ended(from, to) {
             // Its bytes follow the last one's on the stream: no gap on the link.
             self.net.start(from, to, len, tag);
         }
         let blob = self.pulls[pull as usize].blob;
-        for child in push.trees.children(to, piece) {
+        for child in self.push_children(to, blob, piece) {
             let pull = self.pull_of(child, blob);
             self.push_to(t, to, child, pull, piece, Src::Peer);
         }
@@ -98,46 +169,73 @@ impl Sim {
     /// The stream the receiver has now for the piece's stripe, if another, sends it (it
     /// was on its way on an old stream when that one's source began its catch-up).
     pub(super) fn push_cut(&mut self, t: f64, from: Host, to: Host, pull: u32, piece: u32) {
-        let push = self.push.as_mut().expect("push trees");
+        let push = self.push_mut();
         push.coming[pull as usize].remove(&piece);
         for (_, tag) in push.lines.close(from, to) {
             if let Tag::Piece { pull, piece, .. } = tag {
                 push.coming[pull as usize].remove(&piece);
             }
         }
-        let stripe = push.trees.stripe(piece);
-        let Some(source) = push.trees.feeds[to as usize][stripe as usize] else {
+        let stripe = push.stripe(piece);
+        let Some(source) = push.feeds[pull as usize][stripe as usize] else {
             return;
         };
-        let blob = self.pulls[pull as usize].blob;
-        let host = self.source_host(source, to, blob);
-        if host != from && self.source_has(source, to, blob, piece) {
-            let src = match source {
-                Source::Seed => Src::Seed,
-                Source::Node(_) => Src::Peer,
-            };
-            self.push_to(t, host, to, pull, piece, src);
+        let host = self.source_host(source, pull);
+        if host != from && self.source_has(source, pull, piece) {
+            self.push_to(t, host, to, pull, piece, source.src());
         }
     }
 
-    /// Streams moved by a join or a leave: the old one ends, and the new source sends
-    /// what it has of the stripe that the node lacks, in order, then each new piece.
-    pub(super) fn restream(&mut self, t: f64, moved: Vec<Moved>) {
-        // Old streams end first: a stream from a node that feeds another stripe now
-        // must not take the new stripe's pieces down with it.
+    /// After `blob`'s supernode heard of a join or a leave: the streams its trees moved.
+    /// Each old one ends, then each new source sends what it has of the stripe that the
+    /// pull lacks, in order, and each new piece after.
+    pub(super) fn restream(&mut self, t: f64, blob: u32) {
+        let b = &self.blobs[blob as usize];
+        let changes = self.sns[b.ranked[0]]
+            .scheduler
+            .take_stripe_changes(&b.digest);
+        if changes.is_empty() {
+            return;
+        }
+        let mut moved = Vec::new();
+        for (id, stripe) in changes {
+            let Some(&node) = self.push().hosts.get(&id) else {
+                continue;
+            };
+            let feed = self.trees(blob).and_then(|trees| trees.feed(id, stripe));
+            let to = feed.and_then(|feed| match feed {
+                Feed::Seed => Some(Source::Seed),
+                Feed::Node(parent) => self.push().hosts.get(&parent).map(|&h| Source::Node(h)),
+            });
+            let pull = self.pull_of(node, blob);
+            let feeds = &mut self.push_mut().feeds[pull as usize];
+            let from = std::mem::replace(&mut feeds[stripe as usize], to);
+            if from != to {
+                moved.push(Moved {
+                    pull,
+                    stripe,
+                    from,
+                    to,
+                });
+            }
+        }
+        // Old streams end first, and take off only their own stripe's pieces: the same
+        // source may now feed another stripe, whose catch-up is on the same stream.
         for m in &moved {
-            for blob in 0..self.blobs.len() as u32 {
-                let Some(from) = m.from else {
-                    break;
-                };
-                let host = self.source_host(from, m.node, blob);
-                let push = self.push.as_mut().expect("push trees");
-                let k = push.trees.k;
-                let of_stripe = |(_, tag): &(u64, Tag)| matches!(tag, Tag::Piece { piece, .. } if piece % k == m.stripe);
-                for (_, tag) in push.lines.close_if(host, m.node, of_stripe) {
-                    if let Tag::Piece { pull, piece, .. } = tag {
-                        push.coming[pull as usize].remove(&piece);
-                    }
+            let Some(from) = m.from else {
+                continue;
+            };
+            let host = self.source_host(from, m.pull);
+            let node = self.pulls[m.pull as usize].node;
+            let push = self.push_mut();
+            let k = push.k;
+            let ours = |(_, tag): &(u64, Tag)| {
+                matches!(tag, Tag::Piece { pull, piece, .. }
+                    if *pull == m.pull && piece % k == m.stripe)
+            };
+            for (_, tag) in push.lines.close_if(host, node, ours) {
+                if let Tag::Piece { pull, piece, .. } = tag {
+                    push.coming[pull as usize].remove(&piece);
                 }
             }
         }
@@ -145,46 +243,43 @@ impl Sim {
             let Some(to) = m.to else {
                 continue;
             };
-            for blob in 0..self.blobs.len() as u32 {
-                let pull = self.pull_of(m.node, blob);
-                let host = self.source_host(to, m.node, blob);
-                let count = self.blobs[blob as usize].layout.count();
-                let k = self.push.as_ref().expect("push trees").trees.k;
-                let held: Vec<u32> = (m.stripe..count)
-                    .step_by(k as usize)
-                    .filter(|&i| self.source_has(to, m.node, blob, i))
-                    .collect();
-                let src = match to {
-                    Source::Seed => Src::Seed,
-                    Source::Node(_) => Src::Peer,
-                };
-                for piece in held {
-                    self.push_to(t, host, m.node, pull, piece, src);
-                }
+            let (host, node) = (
+                self.source_host(to, m.pull),
+                self.pulls[m.pull as usize].node,
+            );
+            let count = self.blobs[blob as usize].layout.count();
+            let held: Vec<u32> = (m.stripe..count)
+                .step_by(self.push().k as usize)
+                .filter(|&i| self.source_has(to, m.pull, i))
+                .collect();
+            for piece in held {
+                self.push_to(t, host, node, m.pull, piece, to.src());
             }
         }
     }
 
-    /// The host a stream of `blob` comes from: a parent, or the blob's seed.
-    fn source_host(&self, source: Source, node: Host, blob: u32) -> Host {
+    /// The host a pull's stream comes from: a parent, or the blob's seed.
+    fn source_host(&self, source: Source, pull: u32) -> Host {
         match source {
             Source::Node(parent) => parent,
-            Source::Seed => self.seed_host(self.pulls[self.pull_of(node, blob) as usize].sn),
+            Source::Seed => self.seed_host(self.pulls[pull as usize].sn),
         }
     }
 
-    fn source_has(&self, source: Source, node: Host, blob: u32, piece: u32) -> bool {
+    /// Whether the source of a pull's stream has `piece`.
+    fn source_has(&self, source: Source, pull: u32, piece: u32) -> bool {
+        let p = &self.pulls[pull as usize];
         match source {
             Source::Node(parent) => {
-                let p = &self.pulls[self.pull_of(parent, blob) as usize];
-                p.planner
+                let from = &self.pulls[self.pull_of(parent, p.blob) as usize];
+                from.planner
                     .as_ref()
                     .is_some_and(|l| l.have.contains(PieceIndex(piece)))
             }
-            Source::Seed => {
-                let sn = self.pulls[self.pull_of(node, blob) as usize].sn;
-                self.sns[sn].seeded.get(&blob).is_some_and(|&n| piece < n)
-            }
+            Source::Seed => self.sns[p.sn]
+                .seeded
+                .get(&p.blob)
+                .is_some_and(|&n| piece < n),
         }
     }
 
@@ -199,106 +294,13 @@ impl Sim {
     }
 }
 
-/// Where a node's stream of a stripe comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    Seed,
-    Node(Host),
-}
-
-/// The supernode's trees, by host. Nodes are hosts `0..nodes`.
-#[derive(Debug)]
-pub struct Trees {
-    k: u32,
-    trees: StripeTrees,
-    ids: Vec<NodeId>,
-    hosts: HashMap<NodeId, Host>,
-    /// Per node and stripe: the source its stream comes from now (`None`: no stream).
-    feeds: Vec<Vec<Option<Source>>>,
-}
-
-impl Trees {
-    /// Trees of `k` stripes for nodes that have yet to join; `ids[h]` is host `h`'s node.
-    pub fn new(k: u32, ids: Vec<NodeId>) -> Self {
-        let hosts = ids
-            .iter()
-            .enumerate()
-            .map(|(h, &id)| (id, h as Host))
-            .collect();
-        let feeds = vec![vec![None; k as usize]; ids.len()];
-        Trees {
-            k,
-            trees: StripeTrees::new(k),
-            ids,
-            hosts,
-            feeds,
+impl Source {
+    fn src(self) -> Src {
+        match self {
+            Source::Seed => Src::Seed,
+            Source::Node(_) => Src::Peer,
         }
     }
-
-    pub fn join(&mut self, node: Host) -> Vec<Moved> {
-        self.trees.join(self.ids[node as usize]);
-        self.moved()
-    }
-
-    pub fn leave(&mut self, node: Host) -> Vec<Moved> {
-        self.trees.leave(self.ids[node as usize]);
-        self.feeds[node as usize].fill(None);
-        self.moved()
-    }
-
-    /// The streams the last join or leave moved.
-    fn moved(&mut self) -> Vec<Moved> {
-        let mut moved = Vec::new();
-        for (id, stripe) in self.trees.take_changes() {
-            let Some(&node) = self.hosts.get(&id) else {
-                continue;
-            };
-            let to = self.trees.feed(id, stripe).map(|feed| match feed {
-                Feed::Seed => Source::Seed,
-                Feed::Node(parent) => Source::Node(self.hosts[&parent]),
-            });
-            let from = std::mem::replace(&mut self.feeds[node as usize][stripe as usize], to);
-            if from != to {
-                moved.push(Moved {
-                    node,
-                    stripe,
-                    from,
-                    to,
-                });
-            }
-        }
-        moved
-    }
-
-    pub fn stripe(&self, piece: u32) -> u32 {
-        piece % self.k
-    }
-
-    /// The node the seed sends `piece` to.
-    pub fn root(&self, piece: u32) -> Option<Host> {
-        let root = self.trees.root(self.stripe(piece))?;
-        Some(self.hosts[&root])
-    }
-
-    /// Whom `node` sends `piece` on to once it has it (none unless it forwards the
-    /// piece's stripe).
-    pub fn children(&self, node: Host, piece: u32) -> Vec<Host> {
-        let id = self.ids[node as usize];
-        if self.trees.stripe_of(id) != Some(self.stripe(piece)) {
-            return Vec::new();
-        }
-        let children = self.trees.children(id);
-        children.iter().map(|c| self.hosts[c]).collect()
-    }
-}
-
-/// A node's stream of a stripe now comes from elsewhere.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Moved {
-    pub node: Host,
-    pub stripe: u32,
-    pub from: Option<Source>,
-    pub to: Option<Source>,
 }
 
 /// Streams from a parent to a child: one piece on its way at a time, the rest queued.
@@ -364,63 +366,6 @@ impl<T> Lines<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Every piece reaches every node exactly once, and the moves say where each node's
-    /// streams come from.
-    #[test]
-    fn every_node_gets_every_stripe_once_and_moves_say_from_where() {
-        for (nodes, k) in [(2, 2), (7, 4), (50, 4), (1000, 8), (333, 16)] {
-            let mut trees = Trees::new(k, (0..nodes).map(|h| NodeId(u64::from(h) + 7)).collect());
-            let mut feeds = vec![vec![None; k as usize]; nodes as usize];
-            let mut apply = |moved: Vec<Moved>| {
-                for m in moved {
-                    assert_eq!(feeds[m.node as usize][m.stripe as usize], m.from);
-                    feeds[m.node as usize][m.stripe as usize] = m.to;
-                }
-            };
-            for h in 0..nodes {
-                apply(trees.join(h));
-            }
-            apply(trees.leave(nodes / 2));
-            for piece in 0..k {
-                let mut got = vec![0u32; nodes as usize];
-                let Some(root) = trees.root(piece) else {
-                    assert!(nodes - 1 < k, "only a swarm smaller than k lacks a stripe");
-                    continue;
-                };
-                let mut level = vec![root];
-                assert_eq!(feeds[level[0] as usize][piece as usize], Some(Source::Seed));
-                while !level.is_empty() {
-                    for &n in &level {
-                        got[n as usize] += 1;
-                    }
-                    let next: Vec<Host> = level
-                        .iter()
-                        .flat_map(|&n| trees.children(n, piece))
-                        .collect();
-                    for (&c, parent) in next.iter().zip(
-                        level
-                            .iter()
-                            .flat_map(|&n| std::iter::repeat_n(n, trees.children(n, piece).len())),
-                    ) {
-                        assert_eq!(
-                            feeds[c as usize][piece as usize],
-                            Some(Source::Node(parent))
-                        );
-                    }
-                    level = next;
-                }
-                let gone = nodes / 2;
-                assert_eq!(got[gone as usize], 0);
-                assert!(
-                    got.iter()
-                        .enumerate()
-                        .all(|(n, &g)| g == 1 || n as u32 == gone),
-                    "{nodes} nodes, {k} stripes"
-                );
-            }
-        }
-    }
 
     #[test]
     fn a_closed_stream_hands_back_what_it_had_queued() {

@@ -994,9 +994,13 @@ mod tests {
         s.add_seed(seed);
         s.hello(clock.now(), seed, "a".into(), addr(99)).unwrap();
         s.want(clock.now(), seed, digest, layout).unwrap();
-        assert!(s.stripe_trees(&digest).unwrap().is_empty(), "a seed feeds the roots");
+        assert!(
+            s.stripe_trees(&digest).unwrap().is_empty(),
+            "a seed feeds the roots"
+        );
         for i in 0..3 {
-            s.hello(clock.now(), NodeId(i), "a".into(), addr(i)).unwrap();
+            s.hello(clock.now(), NodeId(i), "a".into(), addr(i))
+                .unwrap();
             s.want(clock.now(), NodeId(i), digest, layout).unwrap();
         }
         let trees = s.stripe_trees(&digest).unwrap();
