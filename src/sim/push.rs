@@ -20,7 +20,7 @@
 //!
 //! [`StripeTrees`]: shoal_supernode::stripes::StripeTrees
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use shoal_proto::PieceIndex;
 use shoal_proto::message::NodeId;
@@ -36,8 +36,11 @@ pub struct Push {
     /// Per pull and stripe: where its stream comes from now.
     feeds: Vec<Vec<Option<Source>>>,
     lines: Lines<(u64, Tag)>,
-    /// Per pull: pieces queued for it on a stream or on their way.
-    coming: Vec<HashSet<u32>>,
+    /// Per pull: pieces queued for it on a stream or on their way (one flag per piece,
+    /// made at the first).
+    coming: Vec<Vec<bool>>,
+    /// Per pull: the stripe its node forwards (read for every piece that arrives).
+    forwards: Vec<Option<u32>>,
 }
 
 impl Push {
@@ -48,7 +51,24 @@ impl Push {
             hosts: ids.into_iter().zip(0..).collect(),
             feeds: vec![vec![None; k as usize]; pulls],
             lines: Lines::new(),
-            coming: vec![HashSet::new(); pulls],
+            coming: vec![Vec::new(); pulls],
+            forwards: vec![None; pulls],
+        }
+    }
+
+    /// Marks `piece` as coming to `pull` (of `count` pieces); false if it already was.
+    fn expect(&mut self, pull: u32, piece: u32, count: u32) -> bool {
+        let flags = &mut self.coming[pull as usize];
+        if flags.is_empty() {
+            flags.resize(count as usize, false);
+        }
+        let flag = &mut flags[piece as usize];
+        !std::mem::replace(flag, true)
+    }
+
+    fn arrived(&mut self, pull: u32, piece: u32) {
+        if let Some(flag) = self.coming[pull as usize].get_mut(piece as usize) {
+            *flag = false;
         }
     }
 
@@ -97,13 +117,15 @@ impl Sim {
     /// Whom `node` sends `piece` of `blob` on to once it has it (none unless it forwards
     /// the piece's stripe).
     fn push_children(&self, node: Host, blob: u32, piece: u32) -> Vec<Host> {
-        let (Some(trees), push) = (self.trees(blob), self.push()) else {
+        let push = self.push();
+        let pull = self.pull_of(node, blob);
+        if push.forwards[pull as usize] != Some(push.stripe(piece)) {
+            return Vec::new();
+        }
+        let Some(trees) = self.trees(blob) else {
             return Vec::new();
         };
         let id = super::node_id(node);
-        if trees.stripe_of(id) != Some(push.stripe(piece)) {
-            return Vec::new();
-        }
         let children = trees.children(id);
         children
             .iter()
@@ -128,14 +150,10 @@ impl Sim {
             .as_ref()
             .is_none_or(|l| l.have.contains(PieceIndex(piece)));
         let skip = p.done || has || self.left[to as usize];
-        let len = u64::from(
-            self.blobs[p.blob as usize]
-                .layout
-                .len_of(PieceIndex(piece))
-                .unwrap_or(0),
-        );
+        let layout = self.blobs[p.blob as usize].layout;
+        let len = u64::from(layout.len_of(PieceIndex(piece)).unwrap_or(0));
         let push = self.push_mut();
-        if skip || !push.coming[pull as usize].insert(piece) {
+        if skip || !push.expect(pull, piece, layout.count()) {
             return;
         }
         let tag = Tag::Piece {
@@ -153,7 +171,7 @@ impl Sim {
     /// and the receiver sends this one on to its children in the piece's stripe.
     pub(super) fn pushed(&mut self, t: f64, from: Host, to: Host, pull: u32, piece: u32) {
         let push = self.push_mut();
-        push.coming[pull as usize].remove(&piece);
+        push.arrived(pull, piece);
         if let Some((len, tag)) = push.lines.ended(from, to) {
             // Its bytes follow the last one's on the stream: no gap on the link.
             self.net.start(from, to, len, tag);
@@ -170,10 +188,10 @@ impl Sim {
     /// was on its way on an old stream when that one's source began its catch-up).
     pub(super) fn push_cut(&mut self, t: f64, from: Host, to: Host, pull: u32, piece: u32) {
         let push = self.push_mut();
-        push.coming[pull as usize].remove(&piece);
+        push.arrived(pull, piece);
         for (_, tag) in push.lines.close(from, to) {
             if let Tag::Piece { pull, piece, .. } = tag {
-                push.coming[pull as usize].remove(&piece);
+                push.arrived(pull, piece);
             }
         }
         let stripe = push.stripe(piece);
@@ -208,8 +226,11 @@ impl Sim {
                 Feed::Node(parent) => self.push().hosts.get(&parent).map(|&h| Source::Node(h)),
             });
             let pull = self.pull_of(node, blob);
-            let feeds = &mut self.push_mut().feeds[pull as usize];
-            let from = std::mem::replace(&mut feeds[stripe as usize], to);
+            let forwards = self.trees(blob).and_then(|trees| trees.stripe_of(id));
+            let push = self.push_mut();
+            // A node's own stripe changes only with a change of its feed of that stripe.
+            push.forwards[pull as usize] = forwards;
+            let from = std::mem::replace(&mut push.feeds[pull as usize][stripe as usize], to);
             if from != to {
                 moved.push(Moved {
                     pull,
@@ -235,7 +256,7 @@ impl Sim {
             };
             for (_, tag) in push.lines.close_if(host, node, ours) {
                 if let Tag::Piece { pull, piece, .. } = tag {
-                    push.coming[pull as usize].remove(&piece);
+                    push.arrived(pull, piece);
                 }
             }
         }
