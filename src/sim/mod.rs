@@ -1577,7 +1577,9 @@ impl Sim {
                     let b = &self.blobs[blob as usize];
                     (b.digest, b.layout)
                 };
-                if let Some(root) = self.push.as_ref().and(self.push_root(blob, piece)) {
+                if self.push.is_some()
+                    && let Some(root) = self.push_root(blob, piece)
+                {
                     let pull = self.pull_of(root, blob);
                     self.push_to(t, self.seed_host(sn), root, pull, piece, Src::Seed);
                 }
