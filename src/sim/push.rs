@@ -66,9 +66,19 @@ impl Push {
         !std::mem::replace(flag, true)
     }
 
-    fn arrived(&mut self, pull: u32, piece: u32) {
+    /// `piece` is no longer on its way to `pull` (it arrived, or its stream ended).
+    fn not_coming(&mut self, pull: u32, piece: u32) {
         if let Some(flag) = self.coming[pull as usize].get_mut(piece as usize) {
             *flag = false;
+        }
+    }
+
+    /// Pieces taken off a stream before they were sent.
+    fn dropped(&mut self, items: Vec<(u64, Tag)>) {
+        for (_, tag) in items {
+            if let Tag::Piece { pull, piece, .. } = tag {
+                self.not_coming(pull, piece);
+            }
         }
     }
 
@@ -171,7 +181,7 @@ impl Sim {
     /// and the receiver sends this one on to its children in the piece's stripe.
     pub(super) fn pushed(&mut self, t: f64, from: Host, to: Host, pull: u32, piece: u32) {
         let push = self.push_mut();
-        push.arrived(pull, piece);
+        push.not_coming(pull, piece);
         if let Some((len, tag)) = push.lines.ended(from, to) {
             // Its bytes follow the last one's on the stream: no gap on the link.
             self.net.start(from, to, len, tag);
@@ -188,12 +198,9 @@ impl Sim {
     /// was on its way on an old stream when that one's source began its catch-up).
     pub(super) fn push_cut(&mut self, t: f64, from: Host, to: Host, pull: u32, piece: u32) {
         let push = self.push_mut();
-        push.arrived(pull, piece);
-        for (_, tag) in push.lines.close(from, to) {
-            if let Tag::Piece { pull, piece, .. } = tag {
-                push.arrived(pull, piece);
-            }
-        }
+        push.not_coming(pull, piece);
+        let queued = push.lines.close(from, to);
+        push.dropped(queued);
         let stripe = push.stripe(piece);
         let Some(source) = push.feeds[pull as usize][stripe as usize] else {
             return;
@@ -254,11 +261,8 @@ impl Sim {
                 matches!(tag, Tag::Piece { pull, piece, .. }
                     if *pull == m.pull && piece % k == m.stripe)
             };
-            for (_, tag) in push.lines.close_if(host, node, ours) {
-                if let Tag::Piece { pull, piece, .. } = tag {
-                    push.arrived(pull, piece);
-                }
-            }
+            let queued = push.lines.close_if(host, node, ours);
+            push.dropped(queued);
         }
         for m in &moved {
             let Some(to) = m.to else {

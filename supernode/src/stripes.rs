@@ -290,9 +290,7 @@ impl StripeTrees {
             return;
         }
         for leaf in orphans {
-            if leaf != node {
-                self.place(s, leaf);
-            }
+            self.place(s, leaf);
         }
     }
 
