@@ -178,6 +178,7 @@ fn announcements(c: &mut Criterion) {
             api_listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: dir.path().to_owned(),
             upstream: Default::default(),
+            stripes: 0,
         })
         .await
         .expect("supernode");
@@ -235,6 +236,7 @@ fn questions(c: &mut Criterion) {
                 insecure: [registry.addr.parse().unwrap()].into_iter().collect(),
                 ..Default::default()
             },
+            stripes: 0,
         })
         .await
         .expect("supernode");

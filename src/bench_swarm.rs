@@ -116,6 +116,7 @@ async fn one_hop(holder: &Endpoint, asker: &Endpoint, len: u64) -> anyhow::Resul
             serve_pieces(
                 conn,
                 lookup,
+                Arc::new(()),
                 shoal_transport::pieces::UploadLimits::new(64, 0, 0),
             )
             .await;
@@ -173,6 +174,7 @@ pub async fn swarm(args: &SwarmBenchArgs) -> anyhow::Result<()> {
             insecure: [registry.addr.parse()?].into_iter().collect(),
             ..Default::default()
         },
+        stripes: 0,
     })
     .await?;
     let serve = shoal_daemon::config::ServeArgs {

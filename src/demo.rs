@@ -122,6 +122,11 @@ pub fn fetched_from(metrics: &str, source: &str) -> u64 {
     )
 }
 
+/// Blob bytes a node got on stripe streams.
+pub fn stripe_bytes(metrics: &str) -> u64 {
+    sample(metrics, "shoald_stripe_bytes_total")
+}
+
 /// Hash groups a node hashed again from a stored blob for a peer.
 pub fn groups_rehashed(metrics: &str) -> u64 {
     sample(metrics, "shoald_groups_rehashed_total")
@@ -130,6 +135,11 @@ pub fn groups_rehashed(metrics: &str) -> u64 {
 /// Piece requests a node gave a place beyond its upload slots.
 pub fn uploads_beyond(metrics: &str) -> u64 {
     sample(metrics, "shoald_uploads_given_total{place=\"Beyond\"}")
+}
+
+/// Bytes of pieces a supernode's seed sent to nodes (its `/metrics`).
+pub fn supernode_seed_bytes(metrics: &str) -> u64 {
+    sample(metrics, "shoal_supernode_seed_bytes_total")
 }
 
 /// Bytes of answers a supernode sent to nodes' questions (its `/metrics`).

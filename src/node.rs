@@ -18,6 +18,9 @@ pub struct SupernodeArgs {
     /// Registries reached over plain HTTP (HOST:PORT)
     #[arg(long = "insecure-registry")]
     pub insecure_registries: Vec<String>,
+    /// Stripes per blob for stripe trees (0: off)
+    #[arg(long, default_value_t = 0)]
+    pub stripes: u32,
 }
 
 /// Names the process of the bench that started a node of its swarm: the node dies with
@@ -82,6 +85,7 @@ pub async fn supernode(args: SupernodeArgs) -> anyhow::Result<()> {
             insecure,
             ..Default::default()
         },
+        stripes: args.stripes,
     })
     .await?;
     stopped().await;

@@ -79,6 +79,7 @@ fn announcements_on_one_stream_make_their_node_a_parent() {
                 insecure: [registry.addr.parse().unwrap()].into_iter().collect(),
                 ..Default::default()
             },
+            stripes: 0,
         })
         .await
         .unwrap();

@@ -41,6 +41,7 @@ fn supernode_config(dir: &std::path::Path, registry: &str, listen: &str) -> Supe
             insecure: [registry.parse().unwrap()].into_iter().collect(),
             ..Default::default()
         },
+        stripes: 0,
     }
 }
 
@@ -150,6 +151,66 @@ fn eight_daemons_pull_one_blob_and_the_registry_sends_it_about_once() {
         assert!(answers >= 8 * 32 * groups, "{answers} bytes of answers\n{m}");
         assert!(sent as f64 <= 1.05 * len as f64, "registry sent {sent} bytes for a {len}-byte blob");
         assert!(from_peers > 0, "no bytes came from peers");
+        drop(sn);
+    });
+}
+
+/// With stripe trees (`--stripes 4`), 8 daemons pull one 64 MiB blob at once: each gets
+/// most of it unasked on its stripe streams, the seed sends the blob about once, and the
+/// registry too.
+#[test]
+fn eight_daemons_pull_one_blob_down_stripe_trees() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path(), &[]);
+    let blob = random_blob(64 << 20, 3);
+    let rt = rt();
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        shoal::registry::push_blob(&client, &registry.url(), REPO, &blob, None)
+            .await
+            .unwrap();
+        let before = registry.blob_bytes_sent();
+        let config = SupernodeConfig {
+            stripes: 4,
+            ..supernode_config(dir.path(), &registry.addr, "127.0.0.1:0")
+        };
+        let sn = Supernode::start(config).await.unwrap();
+        let supernodes = vec![sn.quic_addr.to_string()];
+        let token = sn.join_token.to_string();
+        let mut daemons = Vec::new();
+        for i in 0..8 {
+            daemons.push(daemon(dir.path(), i, &registry.addr, &supernodes, &token).await);
+        }
+        let digest = blob.digest;
+        let urls: Vec<String> = daemons
+            .iter()
+            .map(|(url, _)| format!("{url}/v2/{REPO}/blobs/{digest}?ns={}", registry.addr))
+            .collect();
+        let pulls = fetch_all_verified(&client, &urls, &digest);
+        for r in tokio::time::timeout(HANG, pulls).await.expect("pulls hung") {
+            r.unwrap();
+        }
+        let sent = registry.blob_bytes_sent() - before;
+        let len = blob.bytes.len() as u64;
+        let (mut streamed, mut fetched) = (Vec::new(), 0);
+        for (url, _) in &daemons {
+            let m = shoal::demo::metrics_text(&client, url).await.unwrap();
+            streamed.push(shoal::demo::stripe_bytes(&m));
+            fetched += shoal::demo::fetched_from(&m, "Peer") + shoal::demo::fetched_from(&m, "Seed");
+        }
+        let m = shoal::demo::metrics_text(&client, &format!("http://{}", sn.api_addr)).await.unwrap();
+        let seed = shoal::demo::supernode_seed_bytes(&m);
+        println!("registry sent {sent} bytes for a {len}-byte blob; the seed {seed}; bytes on stripe streams per node: {streamed:?}; {fetched} from peers and the seed in all");
+        assert!(sent as f64 <= 1.05 * len as f64, "registry sent {sent} bytes for a {len}-byte blob");
+        let total: u64 = streamed.iter().sum();
+        assert!(
+            total as f64 >= 0.5 * (8 * len) as f64,
+            "at least half of all bytes came on stripe streams: {streamed:?}"
+        );
+        assert!(
+            (seed as f64) < 2.0 * len as f64,
+            "the seed sent {seed} bytes for a {len}-byte blob"
+        );
         drop(sn);
     });
 }
@@ -308,6 +369,7 @@ async fn corrupting_peer(
             tokio::spawn(shoal_transport::pieces::serve_pieces(
                 conn,
                 lookup.clone(),
+                Arc::new(()),
                 uploads.clone(),
             ));
         }

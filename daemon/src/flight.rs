@@ -15,7 +15,8 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use http::{Method, StatusCode};
 use sha2::{Digest as _, Sha256};
-use shoal_proto::{BlobDigest, PieceIndex};
+use shoal_proto::message::PieceSet;
+use shoal_proto::{BlobDigest, PieceIndex, PieceLayout};
 use shoal_registry_proxy::{ForwardHeaders, Registry, Upstream};
 use shoal_transport::pieces::{Found, GroupHashes};
 use tokio::sync::{mpsc, watch};
@@ -73,6 +74,13 @@ impl Flight {
     /// A receiver of the flight's state, for one reader.
     pub fn watch(&self) -> watch::Receiver<FlightState> {
         self.state.clone()
+    }
+
+    /// The blob's layout and the pieces this flight has checked, once it knows them.
+    pub fn held(&self) -> Option<(PieceLayout, PieceSet)> {
+        let pieces = self.pieces.lock().unwrap_or_else(|p| p.into_inner());
+        let checked = pieces.as_ref()?;
+        Some((checked.hashes.layout(), checked.have.clone()))
     }
 
     /// The byte range of a piece this flight holds and has checked, for a peer.
@@ -221,7 +229,10 @@ impl FetchTask {
                             pieces.as_ref().map(|c| Arc::new(c.hashes.clone()))
                         })
                         .flatten();
-                    return finish(verdict, partial, &tx, &store, &req, started, hashes).await;
+                    finish(verdict, partial, &tx, &store, &req, started, hashes).await;
+                    // Stripe streams waiting on this blob find it whole in the store.
+                    swarm.news.bump();
+                    return;
                 }
                 Err(e) => {
                     tracing::warn!(digest = %req.digest, error = %e, "the swarm cannot serve this blob; fetching it from the registry");

@@ -11,9 +11,11 @@
 //! - [`server`]: the HTTP front containerd talks to.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`planner`]: the downloader's sans-IO core: which piece to ask which parent for.
+//! - [`feeds`]: the stripe streams of one pull, from the feeds the supernode names.
 //! - [`p2p`]: the swarm path of a flight: pieces from peers and the seed, checked, written.
 //! - [`hashes`]: the piece hashes a pull knows: group hashes from the supernode, piece hashes
 //!   from parents once they match.
+//! - [`held`]: what the node serves to peers: pieces and stripes of its flights and store.
 //! - [`swarm`]: the node's identity, supernode and peer connections, and its piece server.
 //! - [`containerd`]: `shoald configure-containerd`, which writes `hosts.toml`.
 #![forbid(unsafe_code)]
@@ -23,8 +25,10 @@ pub mod body;
 pub mod config;
 pub mod containerd;
 pub mod dial;
+pub mod feeds;
 pub mod flight;
 pub mod hashes;
+pub mod held;
 pub mod metrics;
 pub mod p2p;
 pub mod planner;
@@ -124,7 +128,8 @@ impl Daemon {
         } = self;
         let mut background = JoinSet::new();
         if let Some(swarm) = swarm {
-            background.spawn(swarm.serve(piece_lookup(&app)));
+            let held = Arc::new(held::Held::new(app.clone(), swarm.clone()));
+            background.spawn(swarm.serve(held));
         }
         tracing::info!(addr = %listener.local_addr().map_or("?".into(), |a| a.to_string()), "shoald listening");
         let mut connections = JoinSet::new();
@@ -187,39 +192,4 @@ impl RunningDaemon {
         let _ = self.stop.send(());
         let _ = self.task.await;
     }
-}
-
-/// Where the peer server finds pieces (and their groups' hashes): a flight's checked
-/// pieces, or a complete blob with the piece hashes kept from its pull, or else read from
-/// its file when asked for.
-fn piece_lookup(app: &Arc<server::App>) -> shoal_transport::pieces::PieceLookup {
-    use shoal_transport::pieces::{Found, GroupHashes};
-    let app = app.clone();
-    Arc::new(move |digest, index, hashes| {
-        if let Some(flight) = app.flights.get(digest)
-            && let Some(found) = flight.piece(index, hashes)
-        {
-            return Some(found);
-        }
-        let stored = app.store.open_complete(digest)?;
-        let layout = shoal_proto::PieceLayout::for_blob(stored.len).ok()?;
-        let range = layout.range(index).ok()?;
-        let kept = || stored.piece_hashes.as_ref()?.group_of(index);
-        let hashes = if !hashes {
-            GroupHashes::None
-        } else if let Some(group) = kept() {
-            GroupHashes::Known(group.to_vec())
-        } else {
-            // Stored before this daemon started, or fetched from the registry alone.
-            app.metrics.group_rehashed();
-            let group = layout.group_range(layout.group_of(index));
-            let ranges = group.map(|i| layout.range(shoal_proto::PieceIndex(i)));
-            GroupHashes::FromFile(ranges.collect::<Result<_, _>>().ok()?)
-        };
-        Some(Found {
-            file: stored.file,
-            range,
-            hashes,
-        })
-    })
 }

@@ -80,6 +80,7 @@ pub struct Metrics {
     supernode_rtt: Histogram,
     uploads_given: Family<PlaceLabels, Counter>,
     groups_rehashed: Counter,
+    stripe_bytes: Counter,
     /// Encodes one at a time: the upload counts are brought up to date then.
     encoding: std::sync::Mutex<()>,
 }
@@ -100,6 +101,7 @@ impl Default for Metrics {
             supernode_rtt: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             uploads_given: Family::default(),
             groups_rehashed: Counter::default(),
+            stripe_bytes: Counter::default(),
             encoding: Default::default(),
         };
         let r = &mut m.registry;
@@ -165,6 +167,12 @@ impl Default for Metrics {
              registry alone; a blob pulled over the swarm keeps its piece hashes)",
             m.groups_rehashed.clone(),
         );
+        r.register(
+            "stripe_bytes",
+            "Blob bytes that came unasked on stripe streams from the node's feeds (also \
+             counted in bytes_fetched, as peer or seed)",
+            m.stripe_bytes.clone(),
+        );
         m
     }
 }
@@ -210,6 +218,10 @@ impl Metrics {
 
     pub fn group_rehashed(&self) {
         self.groups_rehashed.inc();
+    }
+
+    pub fn stripe_fetched(&self, bytes: u64) {
+        self.stripe_bytes.inc_by(bytes);
     }
 
     /// The text exposition, with the store size and the upload places given (in the

@@ -18,6 +18,7 @@ use shoal_transport::pieces::{Piece, PieceError, fetch_piece};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::feeds::{self, Feeds};
 use crate::flight::{FetchRequest, FlightState};
 use crate::hashes::{Checked, HashError};
 use crate::metrics::{Metrics, Source};
@@ -74,6 +75,8 @@ struct PieceResult {
     bytes: Result<Piece, String>,
     /// From the request to a peer's answer (the piece or "busy"), when it answered.
     answered_in: Option<Duration>,
+    /// The piece came unasked on this stripe's stream.
+    pushed: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +108,7 @@ impl P2pFetch<'_> {
             groups_from,
             groups,
             parents,
+            feeds: named,
         } = match checked(Some(reply), layout)? {
             Some(FromSupernode::Task(task)) => task,
             Some(FromSupernode::Refused { reason }) => {
@@ -116,8 +120,13 @@ impl P2pFetch<'_> {
         let mut served = Checked::new(layout);
         served.hashes.add_groups(groups_from, groups);
         let mut planner = Planner::new(PlannerConfig::default(), layout, self.swarm.me, now);
-        planner.hashes_known(served.hashes.pieces_known());
+        let known = served.hashes.pieces_known();
+        planner.hashes_known(known);
         planner.offer(parents);
+        let mut feeds = Feeds::new(self.swarm.clone(), req.digest, layout);
+        feeds.hashes_known(known);
+        let opened = feeds.update(&named, planner.have());
+        planner.feed(now, feeds.stripes(), &opened);
         *self.lock_pieces() = Some(served);
         self.tx.send_replace(FlightState::Running { written: 0 });
 
@@ -155,98 +164,36 @@ impl P2pFetch<'_> {
             if planner.is_complete() {
                 break;
             }
-            let hungry = planner.in_flight() == 0;
-            tokio::select! {
+            // With stripes, pieces on their way on streams keep a node busy: it asks every
+            // REFRESH, not whenever nothing is in flight (`shoal sim --push-stripes`, 10,000
+            // x 1 GiB: asking whenever idle, the seed's link carried 8 times the answers).
+            let hungry =
+                planner.in_flight() == 0 && (!feeds.is_active() || feeds.waiting_for_hashes());
+            let done = tokio::select! {
                 Some(done) = jobs.join_next() => {
                     let Ok(done) = done else { continue };
-                    let now = Instant::now();
-                    if let Some(after) = done.answered_in {
-                        self.metrics.peer_answered(after);
-                        if let From::Peer(addr) = done.from
-                            && let Some(rtt) = self.swarm.round_trip(addr)
-                        {
-                            self.metrics.peer_round_trip(rtt);
-                        }
-                    }
-                    let mut bytes = match done.bytes {
-                        Ok(bytes) => bytes,
-                        Err(e) => {
-                            tracing::debug!(piece = done.piece.0, from = ?done.from, error = %e, "piece failed");
-                            if done.from == From::Registry {
-                                registry_failures += 1;
-                                if registry_failures > MAX_REGISTRY_FAILURES {
-                                    return Ok(Verdict::Interrupted(format!("registry: {e}")));
-                                }
-                            }
-                            let failure = if e == BUSY { Failure::Busy } else { Failure::Unavailable };
-                            planner.failed(now, done.piece, failure);
-                            continue;
-                        }
-                    };
-                    // A piece is passed on only once checked against its hash: a registry
-                    // piece too (when its group's hashes are known), so that a node never
-                    // serves what it could not check.
-                    // (A registry piece comes with no hashes: it is checked if its group's
-                    // are known.)
-                    let offered = std::mem::take(&mut bytes.hashes);
-                    let verdict = self
-                        .with_checked(|c| c.hashes.check(done.piece, &bytes.chunks, offered))
-                        .unwrap_or(Err(HashError::GroupUnknown(done.piece)));
-                    let hash_checked = verdict.is_ok();
-                    match (verdict, done.from) {
-                        (Err(HashError::GroupUnknown(_)), From::Peer(_)) => {
-                            // Asked before its group hash came (cannot happen: the planner
-                            // asks only for pieces with one): not the peer's fault.
-                            planner.failed(now, done.piece, Failure::Unavailable);
-                            continue;
-                        }
-                        (Err(e), From::Peer(peer)) => {
-                            tracing::warn!(%peer, piece = done.piece.0, digest = %req.digest, error = %e, "peer sent a bad piece; dropped and reported");
-                            planner.failed(now, done.piece, Failure::BadData);
-                            self.swarm.notify(supernode, ToSupernode::BadPiece { digest: req.digest, peer, piece: done.piece });
-                            continue;
-                        }
-                        _ => {}
-                    }
-                    let offset = layout.range(done.piece).map_err(anyhow::Error::from)?.start;
-                    let file = self.partial.file().clone();
-                    let len = bytes.len as u64;
-                    let mut in_order = sha.take_if(|_| done.piece.0 == hashed);
-                    let written = tokio::task::spawn_blocking(move || {
-                        if let Some(sha) = in_order.as_mut() {
-                            bytes.chunks.iter().for_each(|c| sha.update(c));
-                        }
-                        bytes.write_at(&file, offset).map(|()| in_order)
-                    })
-                    .await;
-                    match written.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
-                        Ok(Some(advanced)) => {
-                            sha = Some(advanced);
-                            hashed += 1;
-                        }
-                        Ok(None) => {}
-                        Err(e) => return Ok(Verdict::Interrupted(format!("store write: {e}"))),
-                    }
-                    let source = match done.from {
-                        From::Peer(addr) if addr == supernode => Source::Seed,
-                        From::Peer(..) => Source::Peer,
-                        From::Registry => Source::Registry,
-                    };
-                    self.metrics.fetched(source, len);
-                    planner.done(now, done.piece);
-                    // Only pieces checked against a hash are offered to others.
-                    if hash_checked {
-                        self.with_checked(|c| c.have.insert(done.piece));
-                        announce.push(done.piece);
-                    }
-                    while prefix < layout.count() && planner.have().contains(PieceIndex(prefix)) {
-                        prefix += 1;
-                    }
-                    let written = layout.range(PieceIndex(prefix)).map_or(layout.blob_len(), |r| r.start);
-                    self.tx.send_replace(FlightState::Running { written });
+                    done
                 }
+                event = feeds.next(), if feeds.is_active() => match event {
+                    feeds::Event::Piece { stripe, from, index, piece } => PieceResult {
+                        piece: index,
+                        from: From::Peer(from),
+                        bytes: Ok(piece),
+                        answered_in: None,
+                        pushed: Some(stripe),
+                    },
+                    feeds::Event::Ended { stripe, from, why } => {
+                        match why {
+                            Some(why) => tracing::debug!(stripe, %from, %why, "stripe stream failed; its pieces come from parents"),
+                            None => tracing::debug!(stripe, %from, "stripe stream done"),
+                        }
+                        planner.unfeed(stripe);
+                        continue;
+                    }
+                },
                 _ = announce_tick.tick(), if !announce.is_empty() => {
                     self.announce(supernode, std::mem::take(&mut announce));
+                    continue;
                 }
                 // Ask every REFRESH, or soon when there is nothing to fetch (for example
                 // because the hashes known are all fetched): the supernode holds such an
@@ -272,12 +219,13 @@ impl P2pFetch<'_> {
                     };
                     let swarm = self.swarm.clone();
                     asking = Some(tokio::spawn(async move { swarm.control(supernode, &msg).await }));
+                    continue;
                 }
                 answer = async { asking.as_mut().expect("guarded").await }, if asking.is_some() => {
                     asking = None;
                     let answer = answer.unwrap_or_else(|e| Err(e.into()));
                     match answer.and_then(|a| checked(a, layout)) {
-                        Ok(Some(FromSupernode::Task(Task { groups_from, groups, parents }))) => {
+                        Ok(Some(FromSupernode::Task(Task { groups_from, groups, parents, feeds: named }))) => {
                             self.note_round_trip(supernode);
                             supernode_lost = false;
                             supernode_failures = 0;
@@ -286,6 +234,9 @@ impl P2pFetch<'_> {
                                 c.hashes.pieces_known()
                             });
                             planner.hashes_known(known.unwrap_or(0));
+                            feeds.hashes_known(known.unwrap_or(0));
+                            let opened = feeds.update(&named, planner.have());
+                            planner.feed(Instant::now(), feeds.stripes(), &opened);
                             if std::mem::take(&mut took_over) {
                                 announce.clear();
                                 let checked = self.with_checked(|c| c.have.iter().collect());
@@ -296,6 +247,7 @@ impl P2pFetch<'_> {
                         Ok(Some(FromSupernode::Refused { reason })) => {
                             tracing::warn!(digest = %req.digest, %reason, "supernode gave up on the blob; the rest comes from the registry");
                             planner.registry_only();
+                            feeds.stop();
                         }
                         Ok(None) => {}
                         Err(e) if !supernode_lost && supernode_failures + 1 < SUPERNODE_FAILURES => {
@@ -321,17 +273,140 @@ impl P2pFetch<'_> {
                                     tracing::warn!(%supernode, error = %e, "supernode lost mid-pull; pieces it had not hashed come from the registry");
                                     planner.hashes_final();
                                     supernode_lost = true;
+                                    feeds.stop();
                                 }
                             }
                         }
                     }
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            if let Some(after) = done.answered_in {
+                self.metrics.peer_answered(after);
+                if let From::Peer(addr) = done.from
+                    && let Some(rtt) = self.swarm.round_trip(addr)
+                {
+                    self.metrics.peer_round_trip(rtt);
                 }
             }
+            let mut bytes = match done.bytes {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    tracing::debug!(piece = done.piece.0, from = ?done.from, error = %e, "piece failed");
+                    if done.from == From::Registry {
+                        registry_failures += 1;
+                        if registry_failures > MAX_REGISTRY_FAILURES {
+                            return Ok(Verdict::Interrupted(format!("registry: {e}")));
+                        }
+                    }
+                    let failure = if e == BUSY {
+                        Failure::Busy
+                    } else {
+                        Failure::Unavailable
+                    };
+                    planner.failed(now, done.piece, failure);
+                    continue;
+                }
+            };
+            if planner.have().contains(done.piece) {
+                // It came on its stripe's stream and from a parent too.
+                planner.done(now, done.piece);
+                continue;
+            }
+            // A piece is passed on only once checked against its hash: a registry
+            // piece too (when its group's hashes are known), so that a node never
+            // serves what it could not check.
+            // (A registry piece comes with no hashes: it is checked if its group's
+            // are known.)
+            let offered = std::mem::take(&mut bytes.hashes);
+            let verdict = self
+                .with_checked(|c| c.hashes.check(done.piece, &bytes.chunks, offered))
+                .unwrap_or(Err(HashError::GroupUnknown(done.piece)));
+            let hash_checked = verdict.is_ok();
+            if let (Err(e), Some(stripe)) = (&verdict, done.pushed) {
+                // The stream's next pieces go to parents: the feed will not send this
+                // one again.
+                tracing::debug!(stripe, piece = done.piece.0, error = %e, "a piece from a stripe stream failed its check; the stripe comes from parents");
+                feeds.stop_stripe(stripe);
+                planner.unfeed(stripe);
+            }
+            match (verdict, done.from) {
+                (Err(HashError::GroupUnknown(_)), From::Peer(_)) => {
+                    // Asked before its group hash came (cannot happen: the planner
+                    // asks only for pieces with one): not the peer's fault.
+                    planner.failed(now, done.piece, Failure::Unavailable);
+                    continue;
+                }
+                (Err(e), From::Peer(peer)) => {
+                    tracing::warn!(%peer, piece = done.piece.0, digest = %req.digest, error = %e, "peer sent a bad piece; dropped and reported");
+                    planner.failed(now, done.piece, Failure::BadData);
+                    self.swarm.notify(
+                        supernode,
+                        ToSupernode::BadPiece {
+                            digest: req.digest,
+                            peer,
+                            piece: done.piece,
+                        },
+                    );
+                    continue;
+                }
+                _ => {}
+            }
+            let offset = layout.range(done.piece).map_err(anyhow::Error::from)?.start;
+            let file = self.partial.file().clone();
+            let len = bytes.len as u64;
+            let mut in_order = sha.take_if(|_| done.piece.0 == hashed);
+            let written = tokio::task::spawn_blocking(move || {
+                if let Some(sha) = in_order.as_mut() {
+                    bytes.chunks.iter().for_each(|c| sha.update(c));
+                }
+                bytes.write_at(&file, offset).map(|()| in_order)
+            })
+            .await;
+            match written
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+            {
+                Ok(Some(advanced)) => {
+                    sha = Some(advanced);
+                    hashed += 1;
+                }
+                Ok(None) => {}
+                Err(e) => return Ok(Verdict::Interrupted(format!("store write: {e}"))),
+            }
+            let source = match done.from {
+                From::Peer(addr) if addr == supernode => Source::Seed,
+                From::Peer(..) => Source::Peer,
+                From::Registry => Source::Registry,
+            };
+            self.metrics.fetched(source, len);
+            match done.pushed {
+                Some(_) => {
+                    self.metrics.stripe_fetched(len);
+                    planner.pushed(now, done.piece);
+                }
+                None => planner.done(now, done.piece),
+            }
+            // Only pieces checked against a hash are offered to others.
+            if hash_checked {
+                self.with_checked(|c| c.have.insert(done.piece));
+                announce.push(done.piece);
+                self.swarm.news.bump();
+            }
+            while prefix < layout.count() && planner.have().contains(PieceIndex(prefix)) {
+                prefix += 1;
+            }
+            let written = layout
+                .range(PieceIndex(prefix))
+                .map_or(layout.blob_len(), |r| r.start);
+            self.tx.send_replace(FlightState::Running { written });
         }
         if !announce.is_empty() {
             self.announce(supernode, announce);
         }
         jobs.abort_all();
+        feeds.stop();
         if let Some(asking) = asking {
             asking.abort();
         }
@@ -410,6 +485,7 @@ impl P2pFetch<'_> {
                         from: From::Peer(addr),
                         bytes: fetched,
                         answered_in,
+                        pushed: None,
                     }
                 });
             }
@@ -423,6 +499,7 @@ impl P2pFetch<'_> {
                         from: From::Registry,
                         bytes,
                         answered_in: None,
+                        pushed: None,
                     }
                 });
             }
@@ -520,6 +597,7 @@ mod tests {
                 groups_from,
                 groups: vec![shoal_proto::GroupHash([1; 32]); n],
                 parents: Vec::new(),
+                feeds: Vec::new(),
             }))
         };
         let count = layout.groups() as usize;

@@ -48,6 +48,9 @@ pub struct PlannerConfig {
     /// No progress for this long: the streaming window comes from the registry; no piece
     /// from a peer for twice as long: everything does.
     pub stall_after: Duration,
+    /// A fed stripe ([`Planner::feed`]) whose stream has sent nothing for this long is
+    /// fetched piece by piece like the others, until its stream sends again.
+    pub stripe_stall: Duration,
 }
 
 impl Default for PlannerConfig {
@@ -60,6 +63,7 @@ impl Default for PlannerConfig {
             rest: Duration::from_secs(5),
             rest_busy: Duration::from_millis(50),
             stall_after: Duration::from_secs(10),
+            stripe_stall: Duration::from_secs(3),
         }
     }
 }
@@ -162,6 +166,12 @@ pub struct Planner {
     ranked_from: usize,
     /// `ranked` no longer matches the counts (or ranks every piece, see `next_requests`).
     ranked_stale: bool,
+    /// Stripes the blob is cut into when pieces come on stripe streams (0: none), and per
+    /// stripe, when its stream last sent a piece (or opened); `None`: not fed.
+    stripes: u32,
+    feeds: Vec<Option<Instant>>,
+    /// The fed stripes left out of `ranked`, a bit each.
+    ranked_fed: u64,
 }
 
 impl Planner {
@@ -189,7 +199,61 @@ impl Planner {
             sorted_upto: 0,
             ranked_from: 0,
             ranked_stale: true,
+            stripes: 0,
+            feeds: Vec::new(),
+            ranked_fed: 0,
         }
+    }
+
+    /// Pieces come on stripe streams: the blob is cut into `stripes` stripes (piece `i` is
+    /// in stripe `i % stripes`; 0: no stripes), and a stream now feeds each stripe in
+    /// `fed`. A fed stripe's pieces are not asked of parents while its stream keeps
+    /// sending (see [`PlannerConfig::stripe_stall`]).
+    pub fn feed(&mut self, now: Instant, stripes: u32, fed: &[u32]) {
+        if stripes != self.stripes {
+            self.stripes = stripes.min(u64::BITS);
+            self.feeds = vec![None; self.stripes as usize];
+        }
+        for &stripe in fed {
+            if let Some(feed) = self.feeds.get_mut(stripe as usize) {
+                *feed = Some(now);
+            }
+        }
+    }
+
+    /// The stream of `stripe` ended: its pieces are asked of parents again.
+    pub fn unfeed(&mut self, stripe: u32) {
+        if let Some(feed) = self.feeds.get_mut(stripe as usize) {
+            *feed = None;
+        }
+    }
+
+    /// A piece came unasked on its stripe's stream and passed its hash.
+    pub fn pushed(&mut self, now: Instant, piece: PieceIndex) {
+        if let Some(Some(feed)) = self.stripe_of(piece).and_then(|s| self.feeds.get_mut(s)) {
+            *feed = now;
+        }
+        self.done(now, piece);
+    }
+
+    fn stripe_of(&self, piece: PieceIndex) -> Option<usize> {
+        (self.stripes > 0).then(|| (piece.0 % self.stripes) as usize)
+    }
+
+    /// The stripes whose streams sent something lately, a bit each.
+    fn fed(&self, now: Instant) -> u64 {
+        let live = |at: &Option<Instant>| {
+            at.is_some_and(|at| now.saturating_duration_since(at) < self.config.stripe_stall)
+        };
+        let stripes = self.feeds.iter().enumerate();
+        stripes
+            .filter(|(_, at)| live(at))
+            .fold(0, |m, (s, _)| m | 1 << s)
+    }
+
+    /// Whether `piece` is in one of the `fed` stripes.
+    fn is_fed(&self, fed: u64, piece: PieceIndex) -> bool {
+        self.stripe_of(piece).is_some_and(|s| fed & (1 << s) != 0)
     }
 
     /// The supernode offered parents (replaces what it said of them before). Parents that
@@ -380,6 +444,12 @@ impl Planner {
         let stalled = now.duration_since(self.last_progress) > self.config.stall_after;
         // Whether pieces that no parent can serve may still be asked of the registry.
         let unserved_too = swarm_dead || self.hashes_final;
+        // Pieces of fed stripes wait for their streams, unless the swarm failed.
+        let fed = if unserved_too { 0 } else { self.fed(now) };
+        if fed != self.ranked_fed {
+            self.ranked_fed = fed;
+            self.ranked_stale = true;
+        }
         // The parents that may be asked now, a bit each.
         let mut free: u64 = 0;
         for (at, p) in self.parents.iter().enumerate() {
@@ -396,7 +466,8 @@ impl Planner {
         let window_end = (self.cursor + self.config.window).min(count);
         for i in self.cursor..window_end {
             let piece = PieceIndex(i);
-            if self.have.contains(piece) || self.is_requested(piece) {
+            let waits = !stalled && self.is_fed(fed, piece);
+            if self.have.contains(piece) || self.is_requested(piece) || waits {
                 continue;
             }
             if !self.consider(now, piece, swarm_dead || stalled, &mut free, &mut out) {
@@ -457,10 +528,11 @@ impl Planner {
         let count = self.layout.count();
         let mut ranked = std::mem::take(&mut self.ranked);
         ranked.clear();
+        let fed = self.ranked_fed;
         ranked.extend(
             universe
                 .iter_without(&self.have, &self.have)
-                .filter(|p| p.0 < below)
+                .filter(|p| p.0 < below && !self.is_fed(fed, *p))
                 .map(|p| {
                     let tie = (p.0 + count - self.offset) % count;
                     (self.holding[p.0 as usize].count_ones() as u16, tie, p)
@@ -684,6 +756,55 @@ mod tests {
         );
         p.done(now, PieceIndex(0));
         assert_eq!(p.next_requests(now).len(), 1);
+    }
+
+    fn asked(reqs: &[Request]) -> Vec<u32> {
+        let mut pieces: Vec<u32> = reqs
+            .iter()
+            .map(|r| match r {
+                Request::Peer { piece, .. } | Request::Registry { piece } => piece.0,
+            })
+            .collect();
+        pieces.sort_unstable();
+        pieces
+    }
+
+    #[test]
+    fn fed_stripes_wait_for_their_streams_while_they_send() {
+        let (mut p, now) = planner(16);
+        p.offer((1..=4).map(|id| parent(id, 16, 0..16)).collect());
+        // Stripes 0 and 1 of 4 come on streams.
+        p.feed(now, 4, &[0, 1]);
+        let first = asked(&p.next_requests(now));
+        assert!(
+            first.iter().all(|i| i % 4 >= 2),
+            "only the unfed stripes are asked for: {first:?}"
+        );
+        assert_eq!(first, [2, 3, 6, 7, 10, 11, 14, 15]);
+        for i in &first {
+            p.done(now, PieceIndex(*i));
+        }
+        // Stripe 0 keeps sending; stripe 1 falls silent.
+        let stall = PlannerConfig::default().stripe_stall;
+        let later = now + stall / 2;
+        p.pushed(later, PieceIndex(0));
+        assert!(p.next_requests(later).is_empty(), "both streams are live");
+        let silent = now + stall + Duration::from_millis(1);
+        assert_eq!(
+            asked(&p.next_requests(silent)),
+            [1, 5, 9, 13],
+            "a silent stream's stripe is asked of parents"
+        );
+        assert_eq!(p.in_flight(), 4);
+        // A piece that came on the stream after it was asked for is had once.
+        p.pushed(silent, PieceIndex(5));
+        p.done(silent, PieceIndex(5));
+        assert_eq!(p.in_flight(), 3);
+        // Stripe 0's stream ends: its pieces are asked for at once.
+        p.unfeed(0);
+        assert_eq!(asked(&p.next_requests(silent)), [4, 8, 12]);
+        assert!(!p.have().contains(PieceIndex(1)));
+        assert!(p.have().contains(PieceIndex(0)) && p.have().contains(PieceIndex(5)));
     }
 
     #[test]

@@ -20,9 +20,11 @@ use shoal_proto::message::{
 use shoal_transport::ca::{self, NodeIdentity};
 use shoal_transport::pieces::{PieceLookup, UploadLimits, serve_pieces};
 use shoal_transport::rate::ByteRate;
+use shoal_transport::stripe::News;
 use tokio::sync::mpsc;
 
 use crate::dial::Dialer;
+use crate::held::Held;
 use crate::store::Store;
 use shoal_transport::{Endpoint, JoinToken};
 
@@ -64,6 +66,9 @@ pub struct Swarm {
     holdings: std::sync::OnceLock<Arc<Store>>,
     /// Per supernode, the queue of announcements its stream sends ([`Swarm::announce`]).
     announcers: Mutex<HashMap<SocketAddr, mpsc::Sender<ToSupernode>>>,
+    /// Bumped whenever a flight checks a piece or a blob completes: stripe streams wait on
+    /// it for pieces to send.
+    pub news: News,
 }
 
 impl Swarm {
@@ -89,21 +94,30 @@ impl Swarm {
             download_rate: ByteRate::new(config.download_rate),
             holdings: std::sync::OnceLock::new(),
             announcers: Mutex::default(),
+            news: News::default(),
         }))
     }
 
-    /// Serves pieces to peers until the endpoint closes.
-    pub async fn serve(self: Arc<Self>, lookup: PieceLookup) {
+    /// Serves pieces and stripes to peers until the endpoint closes.
+    pub async fn serve(self: Arc<Self>, held: Arc<Held>) {
+        let finder = held.clone();
+        let lookup: PieceLookup =
+            Arc::new(move |digest, index, hashes| finder.find(digest, index, hashes));
         while let Some(accepting) = self.endpoint.incoming().await {
-            let (lookup, uploads) = (lookup.clone(), self.uploads.clone());
+            let (lookup, uploads, held) = (lookup.clone(), self.uploads.clone(), held.clone());
             tokio::spawn(async move {
                 let Some((conn, node)) = accepting.established().await else {
                     return;
                 };
                 tracing::debug!(node = node.0, "peer connected");
-                serve_pieces(conn, lookup, uploads).await;
+                serve_pieces(conn, lookup, held, uploads).await;
             });
         }
+    }
+
+    /// The address peers reach this node at.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer_addr
     }
 
     /// How busy the node's upload is now (reported to supernodes with new pieces).

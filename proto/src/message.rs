@@ -25,8 +25,10 @@ use crate::piece::{PieceHash, PieceIndex, PieceLayout};
 /// are named by address alone ([`Parent`]), and so is a peer reported for bad data; a
 /// node's announcements travel as frames on one stream ([`StreamKind::Announce`]). 7: a
 /// task carries a hash per group of pieces instead of per piece, and a parent sends a
-/// group's piece hashes with a piece when asked ([`crate::group`]).
-pub const ALPN: &[u8] = b"shoal/7";
+/// group's piece hashes with a piece when asked ([`crate::group`]). 8: a task may name who
+/// feeds the node each stripe of the blob ([`Task::feeds`]), and a node asks its feed for
+/// a stripe's pieces on one stream ([`StreamKind::Stripe`], [`StripeRequest`]).
+pub const ALPN: &[u8] = b"shoal/8";
 
 /// QUIC send priority of control streams, above piece streams (0) on the same connection.
 pub const CONTROL_PRIORITY: i32 = 1;
@@ -43,6 +45,10 @@ pub enum StreamKind {
     /// announces new pieces every few milliseconds, and a stream each was the supernode's
     /// cost (`cargo bench --bench announce`).
     Announce = 3,
+    /// A [`StripeRequest`], then the holder sends the stripe's pieces the asker lacks, each
+    /// as a [`PeerReply::Piece`] and its bytes, in order and as it gets them, until it has
+    /// sent the whole stripe or the asker stops reading.
+    Stripe = 4,
 }
 
 impl StreamKind {
@@ -51,6 +57,7 @@ impl StreamKind {
             1 => Some(Self::Control),
             2 => Some(Self::Piece),
             3 => Some(Self::Announce),
+            4 => Some(Self::Stripe),
             _ => None,
         }
     }
@@ -62,6 +69,8 @@ const MAX_CREDENTIAL: usize = 16 * 1024;
 const MAX_PARENTS: usize = 64;
 /// Largest frame on a piece stream: a reply with a whole group's piece hashes.
 pub const MAX_PEER_FRAME: u32 = 16 * 1024;
+/// Most stripes a blob is cut into ([`Task::feeds`]).
+pub const MAX_STRIPES: u32 = 64;
 
 /// A node's identity in the swarm (also in its certificate).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -440,6 +449,44 @@ pub struct Task {
     pub groups_from: u32,
     pub groups: Vec<GroupHash>,
     pub parents: Vec<Parent>,
+    /// With stripes (the supernode's `--stripes`): per stripe `s` of `feeds.len()`, the
+    /// node that sends this node the stripe's pieces (piece `i` is in stripe
+    /// `i % feeds.len()`), unasked, as it gets them ([`StreamKind::Stripe`]). Empty
+    /// without stripes. Sent with every answer, so that a lost answer loses no move.
+    pub feeds: Vec<SocketAddr>,
+}
+
+/// The first frame of a [`StreamKind::Stripe`] stream: send me the pieces of `digest` in
+/// stripe `stripe` of `stripes` that are not in `have`, as you get them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StripeRequest {
+    pub digest: BlobDigest,
+    pub stripe: u32,
+    pub stripes: u32,
+    pub have: PieceSet,
+}
+
+impl StripeRequest {
+    /// Checks the request against the blob's layout.
+    pub fn validate(&self, layout: PieceLayout) -> Result<(), InvalidMessage> {
+        if !(2..=MAX_STRIPES).contains(&self.stripes) || self.stripe >= self.stripes {
+            return Err(InvalidMessage::BadStripe {
+                stripe: self.stripe,
+                stripes: self.stripes,
+            });
+        }
+        if !self.have.fits(layout.count()) {
+            return Err(InvalidMessage::PieceSetMismatch {
+                count: layout.count(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether `piece` is in the asked stripe.
+    pub fn holds(&self, piece: PieceIndex) -> bool {
+        piece.0 % self.stripes == self.stripe
+    }
 }
 
 /// From a daemon to a peer, on a fresh stream.
@@ -489,6 +536,8 @@ pub enum InvalidMessage {
     },
     #[error("{0} is past the blob's last piece")]
     PieceOutOfRange(PieceIndex),
+    #[error("stripe {stripe} of {stripes} (stripes are 2 to {MAX_STRIPES})")]
+    BadStripe { stripe: u32, stripes: u32 },
 }
 
 fn limit(field: &'static str, len: usize, max: usize) -> Result<(), InvalidMessage> {
@@ -544,7 +593,8 @@ impl FromSupernode {
                     task.groups.len(),
                     crate::piece::MAX_PIECES as usize,
                 )?;
-                limit("parents", task.parents.len(), MAX_PARENTS)
+                limit("parents", task.parents.len(), MAX_PARENTS)?;
+                limit("feeds", task.feeds.len(), MAX_STRIPES as usize)
             }
             Self::Refused { reason } => limit("reason", reason.len(), 4096),
         }
@@ -565,6 +615,13 @@ impl Task {
             });
         }
         limit("parents", self.parents.len(), MAX_PARENTS)?;
+        limit("feeds", self.feeds.len(), MAX_STRIPES as usize)?;
+        if self.feeds.len() == 1 {
+            return Err(InvalidMessage::BadStripe {
+                stripe: 0,
+                stripes: 1,
+            });
+        }
         match self.parents.iter().find(|p| !p.pieces.fits(count)) {
             Some(_) => Err(InvalidMessage::PieceSetMismatch { count }),
             None => Ok(()),
@@ -572,22 +629,30 @@ impl Task {
     }
 }
 
-/// The framed length of a `FromSupernode::Task` answer with `new_hashes` group hashes and
-/// these parents, without building it (`shoal sim` counts its supernodes' answer bytes so).
-pub fn task_frame_len(groups_from: u32, new_hashes: usize, parents: &[Parent]) -> usize {
+/// The framed length of a `FromSupernode::Task` answer with `new_hashes` group hashes,
+/// these parents and these feeds, without building it (`shoal sim` counts its supernodes'
+/// answer bytes so).
+pub fn task_frame_len(
+    groups_from: u32,
+    new_hashes: usize,
+    parents: &[Parent],
+    feeds: &[SocketAddr],
+) -> usize {
     let empty = FromSupernode::Task(Task {
         groups_from,
         ..Task::default()
     });
     // An empty list is one length byte; a longer one, its length's varint and its items.
-    let body = size(&empty) - 2
+    let body = size(&empty) - 3
         + varint_len(new_hashes)
         + new_hashes * std::mem::size_of::<GroupHash>()
         + varint_len(parents.len())
         + parents
             .iter()
             .map(|p| size(&p.addr) + p.pieces.wire_len())
-            .sum::<usize>();
+            .sum::<usize>()
+        + varint_len(feeds.len())
+        + feeds.iter().map(size).sum::<usize>();
     crate::frame::HEADER_LEN + body
 }
 
@@ -614,22 +679,25 @@ mod tests {
                 .unwrap(),
             pieces: set(layout.count(), pieces),
         };
-        for (from, new, parents) in [
-            (0, 0, vec![]),
-            (3, 1, vec![parent(1, &[0])]),
+        let feeds: Vec<SocketAddr> = (0..4).map(|n| parent(n, &[]).addr).collect();
+        for (from, new, parents, feeds) in [
+            (0, 0, vec![], &[][..]),
+            (3, 1, vec![parent(1, &[0])], &feeds[..2]),
             (
                 100,
                 200,
                 (0..8).map(|n| parent(n << 40, &[1, 500, 1023])).collect(),
+                &feeds[..],
             ),
         ] {
             let task = FromSupernode::Task(Task {
                 groups_from: from,
                 groups: vec![GroupHash([7; 32]); new],
                 parents: parents.clone(),
+                feeds: feeds.to_vec(),
             });
             assert_eq!(
-                task_frame_len(from, new, &parents),
+                task_frame_len(from, new, &parents, feeds),
                 crate::frame::encode(&task).len(),
                 "{new} hashes, {} parents",
                 parents.len()
@@ -807,20 +875,21 @@ mod tests {
             groups_from: 0,
             groups: vec![GroupHash([b'a'; 32])],
             parents: vec![parent(PieceSet::empty(3))],
+            feeds: vec![],
         };
         assert!(ok.validate(layout).is_ok());
         assert!(FromSupernode::Task(ok).validate().is_ok());
         let tail = Task {
             groups_from: 1,
             groups: vec![GroupHash([b'b'; 32]); 2],
-            parents: vec![],
+            ..Task::default()
         };
         assert!(tail.validate(layout).is_ok());
         for (from, n) in [(0, 4), (2, 2), (u32::MAX, 1)] {
             let bad = Task {
                 groups_from: from,
                 groups: vec![GroupHash([b'a'; 32]); n],
-                parents: vec![],
+                ..Task::default()
             };
             assert!(
                 matches!(
@@ -834,6 +903,7 @@ mod tests {
             groups_from: 0,
             groups: vec![],
             parents: vec![parent(PieceSet::empty(100))],
+            feeds: vec![],
         };
         assert!(matches!(
             bad.validate(layout),
@@ -850,6 +920,47 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn feeds_and_stripe_requests_are_checked() {
+        let layout = PieceLayout::new(3 << 20, crate::piece::PIECE_SIZE).unwrap();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let feeds = |n| Task {
+            feeds: vec![addr; n],
+            ..Task::default()
+        };
+        for n in [0, 2, MAX_STRIPES as usize] {
+            assert!(feeds(n).validate(layout).is_ok(), "{n} feeds");
+            assert!(FromSupernode::Task(feeds(n)).validate().is_ok());
+        }
+        assert!(feeds(1).validate(layout).is_err(), "one stripe is none");
+        let over = MAX_STRIPES as usize + 1;
+        assert!(feeds(over).validate(layout).is_err());
+        assert!(FromSupernode::Task(feeds(over)).validate().is_err());
+        let request = |stripe, stripes, have| StripeRequest {
+            digest: BlobDigest::of(b"blob"),
+            stripe,
+            stripes,
+            have,
+        };
+        assert!(request(3, 4, PieceSet::empty(3)).validate(layout).is_ok());
+        for (stripe, stripes) in [(0, 0), (0, 1), (4, 4), (0, MAX_STRIPES + 1)] {
+            assert!(
+                matches!(
+                    request(stripe, stripes, PieceSet::empty(3)).validate(layout),
+                    Err(InvalidMessage::BadStripe { .. })
+                ),
+                "{stripe} of {stripes}"
+            );
+        }
+        assert!(matches!(
+            request(0, 2, PieceSet::empty(4)).validate(layout),
+            Err(InvalidMessage::PieceSetMismatch { .. })
+        ));
+        let odd = request(1, 2, PieceSet::empty(3));
+        assert!(odd.holds(PieceIndex(1)) && odd.holds(PieceIndex(5)));
+        assert!(!odd.holds(PieceIndex(0)));
     }
 
     #[test]

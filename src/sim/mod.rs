@@ -1127,7 +1127,11 @@ impl Sim {
         let from = layout.whole_groups(p.hashes_told.min(hashes));
         p.hashes_told = hashes;
         let new = layout.whole_groups(hashes) - from;
-        let len = task_frame_len(from, new as usize, &parents) as u64;
+        // Under push an answer names the node's feed for each stripe (as shoal-supernode's
+        // do with `--stripes`): addresses of one size stand in for them.
+        let stripes = self.push.as_ref().map_or(0, |p| p.stripes() as usize);
+        let feeds = vec![std::net::SocketAddr::from(([10, 0, 0, 1], 7000)); stripes];
+        let len = task_frame_len(from, new as usize, &parents, &feeds) as u64;
         self.answer_bytes += len;
         self.answers_sent += 1;
         let slot = (t.max(0.0) as usize) * self.sns.len() + sn_index;

@@ -56,6 +56,11 @@ impl Push {
         }
     }
 
+    /// Stripes a blob is cut into.
+    pub fn stripes(&self) -> u32 {
+        self.k
+    }
+
     /// Marks `piece` as coming to `pull` (of `count` pieces); false if it already was.
     fn expect(&mut self, pull: u32, piece: u32, count: u32) -> bool {
         let flags = &mut self.coming[pull as usize];

@@ -45,6 +45,22 @@ struct Cli {
     /// Trust the PEM CA in FILE for this registry (repeatable)
     #[arg(long = "registry-ca", value_name = "HOST=FILE")]
     registry_cas: Vec<String>,
+    /// Cut each blob into K stripes, each sent down a tree of nodes as pieces arrive
+    /// (0: off; nodes then only ask each other for pieces)
+    #[arg(long, env = "SHOAL_SUPERNODE_STRIPES", value_name = "K", default_value_t = 0,
+          value_parser = parse_stripes)]
+    stripes: u32,
+}
+
+/// 0, or 2 to 64 stripes.
+fn parse_stripes(s: &str) -> Result<u32, String> {
+    let k: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    let max = shoal_proto::message::MAX_STRIPES;
+    if k == 0 || (2..=max).contains(&k) {
+        Ok(k)
+    } else {
+        Err(format!("{k} stripes: give 0 (off) or 2 to {max}"))
+    }
 }
 
 fn config(cli: Cli) -> anyhow::Result<SupernodeConfig> {
@@ -76,6 +92,7 @@ fn config(cli: Cli) -> anyhow::Result<SupernodeConfig> {
         api_listen: cli.api_listen,
         data_dir: cli.data_dir,
         upstream,
+        stripes: cli.stripes,
     })
 }
 

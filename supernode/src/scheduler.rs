@@ -38,7 +38,7 @@ use shoal_proto::message::NodeId;
 use shoal_proto::message::{Parent, PieceSet, Uploads};
 use shoal_proto::{BlobDigest, PieceIndex, PieceLayout};
 
-use crate::stripes::StripeTrees;
+use crate::stripes::{Feed, StripeTrees};
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -55,7 +55,7 @@ pub struct SchedulerConfig {
     /// pieces only it holds (see [`Scheduler::parents`]).
     pub seed_offer: usize,
     /// Stripes of each task's [`StripeTrees`], which every node that wants the blob joins
-    /// (0: none). Only `shoal sim --push-stripes` sets it so far: shoald does not push.
+    /// (0: none): `shoal-supernode --stripes`, `shoal sim --push-stripes`.
     pub stripes: u32,
 }
 
@@ -369,6 +369,28 @@ impl Scheduler {
         self.tasks.get(digest)?.trees.as_ref()
     }
 
+    /// Who sends `node` each stripe of `digest`, by address (a seed's for a stripe's
+    /// root): the [`Task::feeds`](shoal_proto::message::Task) of its answers. Empty
+    /// without stripes, or for a node not in the trees.
+    pub fn feeds(&self, node: NodeId, digest: &BlobDigest) -> Vec<SocketAddr> {
+        let Some(trees) = self.stripe_trees(digest) else {
+            return Vec::new();
+        };
+        let seed = self
+            .seeds
+            .iter()
+            .find_map(|s| self.peers.get(s))
+            .map(|p| p.addr);
+        let addr = |feed| match feed {
+            Feed::Seed => seed,
+            Feed::Node(id) => self.peers.get(&id).map(|p| p.addr),
+        };
+        (0..trees.stripes())
+            .map(|s| trees.feed(node, s).and_then(addr))
+            .collect::<Option<Vec<_>>>()
+            .unwrap_or_default()
+    }
+
     /// Who in `digest`'s stripe trees has a new feed since the last call (see
     /// [`StripeTrees::take_changes`]).
     pub fn take_stripe_changes(&mut self, digest: &BlobDigest) -> Vec<(NodeId, u32)> {
@@ -600,7 +622,6 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stripes::Feed;
 
     /// A virtual clock: a fixed origin plus whatever the test advances.
     struct Clock(Instant, Duration);
@@ -1009,13 +1030,23 @@ mod tests {
         assert_eq!(trees.feed(NodeId(2), 0), Some(Feed::Node(NodeId(0))));
         let changes = s.take_stripe_changes(&digest);
         assert!(changes.contains(&(NodeId(2), 0)), "{changes:?}");
+        // Answers name the feeds by address, the seed's for a root.
+        assert_eq!(s.feeds(NodeId(2), &digest)[0], addr(0));
+        assert_eq!(s.feeds(NodeId(0), &digest)[0], addr(99));
+        assert_eq!(s.feeds(NodeId(0), &digest).len(), 2);
+        assert!(
+            s.feeds(seed, &digest).is_empty(),
+            "the seed is fed by nobody"
+        );
         s.leave(NodeId(0));
         let trees = s.stripe_trees(&digest).unwrap();
         assert_eq!(trees.len(), 2);
         assert_eq!(trees.feed(NodeId(2), 0), Some(Feed::Seed));
         assert!(s.take_stripe_changes(&digest).contains(&(NodeId(2), 0)));
+        assert_eq!(s.feeds(NodeId(2), &digest)[0], addr(99));
         // Without stripes, no trees.
         let (s, _, d, _) = setup(3, |_| "a");
         assert!(s.stripe_trees(&d).is_none());
+        assert!(s.feeds(NodeId(1), &d).is_empty());
     }
 }

@@ -12,9 +12,11 @@ use std::sync::{Arc, Mutex};
 use http::{HeaderValue, Method, StatusCode};
 use sha2::{Digest as _, Sha256};
 use shoal_proto::message::Origin;
+use shoal_proto::message::PieceSet;
 use shoal_proto::{BlobDigest, GroupHash, PieceHash, PieceIndex, PieceLayout};
 use shoal_registry_proxy::{ForwardHeaders, Registry, Upstream};
 use shoal_transport::pieces::{Found, GroupHashes};
+use shoal_transport::stripe::News;
 
 /// What the seed has of a blob so far.
 #[derive(Debug, Clone, Default)]
@@ -39,6 +41,8 @@ pub struct SeedBlob {
     file: Arc<File>,
     inner: Mutex<Inner>,
     changed: tokio::sync::Notify,
+    /// The seed's news of new pieces, of every blob (stripe streams wait on it).
+    news: Arc<News>,
 }
 
 #[derive(Debug, Default)]
@@ -49,13 +53,22 @@ struct Inner {
 }
 
 impl SeedBlob {
-    fn new(layout: PieceLayout, file: File) -> Self {
+    fn new(layout: PieceLayout, file: File, news: Arc<News>) -> Self {
         Self {
             layout,
             file: Arc::new(file),
             inner: Mutex::default(),
             changed: tokio::sync::Notify::new(),
+            news,
         }
+    }
+
+    /// The pieces of the groups whose hashes are published: the ones a node can check.
+    pub fn hashed(&self) -> PieceSet {
+        let groups = self.lock().progress.groups.len() as u32;
+        let mut set = PieceSet::empty(self.layout.count());
+        (0..self.layout.pieces_in_groups(groups)).for_each(|i| set.insert(PieceIndex(i)));
+        set
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -106,6 +119,7 @@ impl SeedBlob {
     fn update(&self, f: impl FnOnce(&mut Inner)) {
         f(&mut self.lock());
         self.changed.notify_waiters();
+        self.news.bump();
     }
 
     /// The progress once the seed has more than `known` group hashes, has finished, or
@@ -151,6 +165,8 @@ pub struct Seed {
     dir: PathBuf,
     upstream: Upstream,
     blobs: dashmap::DashMap<BlobDigest, Arc<SeedBlob>>,
+    /// Bumped whenever a blob has new pieces.
+    pub news: Arc<News>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +187,7 @@ impl Seed {
             dir,
             upstream,
             blobs: Default::default(),
+            news: Arc::default(),
         })
     }
 
@@ -207,7 +224,7 @@ impl Seed {
             .create(true)
             .truncate(true)
             .open(&path)?;
-        let blob = Arc::new(SeedBlob::new(layout, file));
+        let blob = Arc::new(SeedBlob::new(layout, file, self.news.clone()));
         entry.insert(blob.clone());
         let headers = ForwardHeaders {
             authorization: origin
@@ -316,7 +333,11 @@ mod tests {
     fn blob(pieces: u32) -> Arc<SeedBlob> {
         let layout = PieceLayout::new(u64::from(pieces) << 16, 64 << 10).unwrap();
         assert_eq!(layout.group_pieces(), 1);
-        Arc::new(SeedBlob::new(layout, tempfile::tempfile().unwrap()))
+        Arc::new(SeedBlob::new(
+            layout,
+            tempfile::tempfile().unwrap(),
+            Arc::default(),
+        ))
     }
 
     fn publish(blob: &SeedBlob) {
@@ -332,6 +353,7 @@ mod tests {
         let seed = Arc::new(SeedBlob::new(
             PieceLayout::new(512 << 16, 64 << 10).unwrap(),
             tempfile::tempfile().unwrap(),
+            Arc::default(),
         ));
         assert_eq!(seed.layout.group_pieces(), 4);
         let hashes: Vec<PieceHash> = (0..512u32)
@@ -354,6 +376,8 @@ mod tests {
         let found = seed.piece(PieceIndex(2), false).unwrap();
         assert!(matches!(found.hashes, GroupHashes::None), "not asked");
         assert!(seed.piece(PieceIndex(7), false).is_none(), "not held");
+        let hashed: Vec<u32> = seed.hashed().iter().map(|i| i.0).collect();
+        assert_eq!(hashed, [0, 1, 2, 3], "the pieces of whole groups");
         for h in &hashes[7..] {
             seed.publish(*h);
         }

@@ -16,11 +16,12 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
 use shoal_proto::frame::{self, FrameDecoder, MAX_FRAME};
 use shoal_proto::message::{
-    CONTROL_PRIORITY, FromSupernode, NodeId, StreamKind, Task, ToSupernode, Uploads,
+    CONTROL_PRIORITY, FromSupernode, NodeId, PieceSet, StreamKind, Task, ToSupernode, Uploads,
 };
-use shoal_proto::{PieceIndex, PieceLayout};
+use shoal_proto::{BlobDigest, PieceIndex, PieceLayout};
 use shoal_registry_proxy::{Upstream, UpstreamConfig};
-use shoal_transport::pieces::{GroupHashes, PieceLookup, answer_piece, stream_kind};
+use shoal_transport::pieces::{Found, GroupHashes, PieceLookup, answer_piece, stream_kind};
+use shoal_transport::stripe::{StripeHolder, serve_stripe};
 use shoal_transport::{ClusterCa, Endpoint, JoinToken};
 
 use crate::seed::{Seed, SeedState};
@@ -42,6 +43,9 @@ pub struct SupernodeConfig {
     pub api_listen: SocketAddr,
     pub data_dir: PathBuf,
     pub upstream: UpstreamConfig,
+    /// Stripes a blob is cut into for stripe trees (0: none): each node is named a feed per
+    /// stripe in its answers, and forwards one stripe to its children as it gets it.
+    pub stripes: u32,
 }
 
 /// A running supernode.
@@ -112,7 +116,10 @@ impl Supernode {
         let state = Arc::new(State {
             me,
             quic_addr,
-            scheduler: Mutex::new(Scheduler::new(SchedulerConfig::default())),
+            scheduler: Mutex::new(Scheduler::new(SchedulerConfig {
+                stripes: config.stripes,
+                ..SchedulerConfig::default()
+            })),
             seed,
             ca: ca.clone(),
             join_token: join_token.clone(),
@@ -238,8 +245,10 @@ async fn accept_quic(endpoint: Endpoint, state: Arc<State>) {
             .fetch_add(found.range.end - found.range.start, Ordering::Relaxed);
         Some(found)
     });
+    let stripes = Arc::new(SeedStripes(state.clone()));
     while let Some(accepting) = endpoint.incoming().await {
         let (state, lookup, uploads) = (state.clone(), lookup.clone(), uploads.clone());
+        let stripes = stripes.clone();
         tokio::spawn(async move {
             let Some((conn, node)) = accepting.established().await else {
                 return;
@@ -247,9 +256,13 @@ async fn accept_quic(endpoint: Endpoint, state: Arc<State>) {
             *state.connected().entry(node).or_default() += 1;
             while let Ok((send, mut recv)) = conn.accept_bi().await {
                 let (state, lookup, uploads) = (state.clone(), lookup.clone(), uploads.clone());
+                let stripes = stripes.clone();
                 tokio::spawn(async move {
                     let result = match stream_kind(&mut recv).await {
                         Some(StreamKind::Piece) => answer_piece(send, recv, &lookup, &uploads)
+                            .await
+                            .map_err(|e| e.to_string()),
+                        Some(StreamKind::Stripe) => serve_stripe(send, recv, &*stripes, &uploads)
                             .await
                             .map_err(|e| e.to_string()),
                         Some(StreamKind::Control) => control(&state, node, send, recv).await,
@@ -272,6 +285,30 @@ async fn accept_quic(endpoint: Endpoint, state: Arc<State>) {
                 tracing::debug!(node = node.0, "node disconnected");
             }
         });
+    }
+}
+
+/// The seed's blobs as stripe streams serve them: the pieces of groups whose hashes are
+/// published, each sent once per stream (the roots of a blob's stripe trees ask for
+/// theirs).
+struct SeedStripes(Arc<State>);
+
+impl StripeHolder for SeedStripes {
+    fn held(&self, digest: &BlobDigest) -> Option<(PieceLayout, PieceSet)> {
+        let blob = self.0.seed.get(digest)?;
+        Some((blob.layout, blob.hashed()))
+    }
+
+    fn piece(&self, digest: &BlobDigest, index: PieceIndex, hashes: bool) -> Option<Found> {
+        self.0.seed.get(digest)?.piece(index, hashes)
+    }
+
+    fn news(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.seed.news.subscribe()
+    }
+
+    fn sent(&self, bytes: u64) {
+        self.0.seed_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 }
 
@@ -463,6 +500,7 @@ async fn want(
     let _ = s.want(now, state.me, digest, layout);
     let _ = s.have(now, state.me, &digest, &held);
     let parents = s.parents(now, node, &digest).unwrap_or_default();
+    let feeds = s.feeds(node, &digest);
     state.decisions.fetch_add(1, Ordering::Relaxed);
     // Only the group hashes the node lacks: the rest would be resent with every question.
     let from = (known.groups as usize).min(progress.groups.len());
@@ -471,6 +509,7 @@ async fn want(
         groups_from: from as u32,
         groups: groups.split_off(from),
         parents,
+        feeds,
     })
 }
 

@@ -77,6 +77,11 @@ impl StripeTrees {
         self.members.len()
     }
 
+    /// Stripes a blob is cut into.
+    pub fn stripes(&self) -> u32 {
+        self.k as u32
+    }
+
     pub fn is_empty(&self) -> bool {
         self.members.is_empty()
     }

@@ -8,6 +8,7 @@
 //! - [`link`]: room on a node's upload link, measured.
 //! - [`pieces`]: piece requests and answers over QUIC streams.
 //! - [`rate`]: byte-rate limits for uploads and downloads.
+//! - [`stripe`]: a stripe of a blob sent on one stream as its holder gets it.
 #![forbid(unsafe_code)]
 
 pub mod ca;
@@ -15,6 +16,7 @@ pub mod endpoint;
 pub mod link;
 pub mod pieces;
 pub mod rate;
+pub mod stripe;
 
 pub use ca::{ClusterCa, JoinToken, NodeIdentity};
 pub use endpoint::{Accepting, Endpoint, TransportError};

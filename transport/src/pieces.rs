@@ -19,6 +19,11 @@ use shoal_proto::message::{MAX_PEER_FRAME, PeerReply, PeerRequest, StreamKind, U
 use shoal_proto::{BlobDigest, PieceHash, PieceIndex};
 
 use crate::link::{self, LinkMeter};
+use crate::stripe::{StripeHolder, serve_stripe};
+
+/// Stripe streams a node serves at once: a feed has at most a stripe's worth of children
+/// and a few more while they move ([`crate::stripe`]).
+pub const MAX_STRIPE_STREAMS: usize = 2 * (shoal_proto::message::MAX_STRIPES as usize + 1);
 
 /// Longest a peer may take to answer a request header.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -256,6 +261,8 @@ pub struct UploadLimits {
     /// Requests given a slot, and a place beyond the slots, so far.
     given: AtomicU64,
     given_beyond: AtomicU64,
+    /// Stripe streams served at once ([`MAX_STRIPE_STREAMS`]).
+    stripe_streams: tokio::sync::Semaphore,
 }
 
 /// A node's upload link as its served connections' counters show it.
@@ -329,7 +336,13 @@ impl UploadLimits {
             link,
             given: AtomicU64::new(0),
             given_beyond: AtomicU64::new(0),
+            stripe_streams: tokio::sync::Semaphore::new(MAX_STRIPE_STREAMS),
         })
+    }
+
+    /// A place for one more stripe stream, or `None` when [`MAX_STRIPE_STREAMS`] run.
+    pub fn stripe_stream(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.stripe_streams.try_acquire().ok()
     }
 
     /// Counts what `conn` sends toward the link's use (when the link is known). Closed
@@ -402,21 +415,24 @@ fn lock(state: &Mutex<LinkState>) -> std::sync::MutexGuard<'_, LinkState> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Answers the piece requests of one connection until it closes, within `uploads`. Other
-/// kinds of streams are refused.
+/// Answers the piece requests and stripe streams of one connection until it closes,
+/// within `uploads`. Other kinds of streams are refused.
 pub async fn serve_pieces(
     conn: quinn::Connection,
     lookup: PieceLookup,
+    stripes: Arc<dyn StripeHolder>,
     uploads: Arc<UploadLimits>,
 ) {
     uploads.watch(&conn);
     while let Ok((send, mut recv)) = conn.accept_bi().await {
-        let (lookup, uploads) = (lookup.clone(), uploads.clone());
+        let (lookup, stripes, uploads) = (lookup.clone(), stripes.clone(), uploads.clone());
         tokio::spawn(async move {
-            if stream_kind(&mut recv).await != Some(StreamKind::Piece) {
-                return;
-            }
-            if let Err(e) = answer_piece(send, recv, &lookup, &uploads).await {
+            let served = match stream_kind(&mut recv).await {
+                Some(StreamKind::Piece) => answer_piece(send, recv, &lookup, &uploads).await,
+                Some(StreamKind::Stripe) => serve_stripe(send, recv, &*stripes, &uploads).await,
+                _ => return,
+            };
+            if let Err(e) = served {
                 tracing::debug!(error = %e, "piece request failed");
             }
         });
@@ -424,7 +440,7 @@ pub async fn serve_pieces(
 }
 
 /// The BLAKE3 hashes of these byte ranges of `file`. Blocks.
-fn hash_ranges(file: &File, ranges: Vec<Range<u64>>) -> std::io::Result<Vec<PieceHash>> {
+pub(crate) fn hash_ranges(file: &File, ranges: Vec<Range<u64>>) -> std::io::Result<Vec<PieceHash>> {
     let mut buf = Vec::new();
     ranges
         .into_iter()
@@ -570,7 +586,12 @@ mod tests {
         let served = limits.clone();
         tokio::spawn(async move {
             while let Some((conn, _)) = holder.accept().await {
-                tokio::spawn(serve_pieces(conn, lookup.clone(), served.clone()));
+                tokio::spawn(serve_pieces(
+                    conn,
+                    lookup.clone(),
+                    Arc::new(()),
+                    served.clone(),
+                ));
             }
         });
         let (conn, _) = asker.connect(addr).await.unwrap();
