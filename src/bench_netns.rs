@@ -89,6 +89,8 @@ pub async fn scale_out(args: &ScaleOutArgs, image: &Image) -> anyhow::Result<Run
             &registry_addr,
             "--data-dir",
             data.to_str().context("work directory is not UTF-8")?,
+            "--stripes",
+            &args.stripes.to_string(),
         ]);
         procs.push(spawn_in(&lab, host, &argv, &log)?);
         wait_healthy(

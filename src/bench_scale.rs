@@ -36,6 +36,11 @@ pub struct ScaleOutArgs {
     /// Supernodes; blobs are spread over them by rendezvous hashing
     #[arg(long, default_value_t = 1)]
     pub supernodes: usize,
+    /// Stripes per blob (shoal-supernode's --stripes): each node gets every stripe on one
+    /// stream from its feed in the stripe's tree, as the feed gets it (0: off; the sim of
+    /// a --cross-check then models it with --push-stripes)
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub stripes: u32,
     /// Push the image to this registry (http://HOST:PORT) instead of starting one
     #[arg(long)]
     pub registry: Option<String>,
@@ -106,6 +111,11 @@ impl ScaleOutArgs {
         ensure!(
             (1..=MAX_SUPERNODES).contains(&self.supernodes),
             "--supernodes must be between 1 and {MAX_SUPERNODES}"
+        );
+        let max = shoal_proto::message::MAX_STRIPES;
+        ensure!(
+            self.stripes == 0 || (2..=max).contains(&self.stripes),
+            "--stripes must be 0 (off) or between 2 and {max}"
         );
         ensure!(
             (1..=MAX_UPLOAD_PEERS).contains(&self.max_upload_peers),
@@ -192,7 +202,7 @@ pub fn sim_command(args: &ScaleOutArgs, run: &Run) -> Option<String> {
     let (peer, supernode) = (run.shoal.peer_rtt_s?, run.shoal.supernode_rtt_s?);
     Some(format!(
         "shoal sim --nodes {} --image-size {} --layers {} --bandwidth {}bit --supernodes {} \
-         --rtt-ms {:.0} --supernode-rtt-ms {:.0} --max-upload-peers {}{}",
+         --rtt-ms {:.0} --supernode-rtt-ms {:.0} --max-upload-peers {}{}{}",
         args.nodes,
         args.image_size,
         args.layers,
@@ -205,6 +215,10 @@ pub fn sim_command(args: &ScaleOutArgs, run: &Run) -> Option<String> {
             " --upload-link-known"
         } else {
             ""
+        },
+        match args.stripes {
+            0 => String::new(),
+            k => format!(" --push-stripes {k}"),
         }
     ))
 }
@@ -474,6 +488,8 @@ impl Swarm {
                 ns,
                 "--data-dir",
                 data.to_str().context("work directory is not UTF-8")?,
+                "--stripes",
+                &args.stripes.to_string(),
             ]
             .map(str::to_owned)
             .to_vec();

@@ -145,7 +145,8 @@ impl Default for Metrics {
         r.register(
             "peer_rtt_seconds",
             "The round trip to a peer as QUIC estimates it at each of its answers to a piece \
-             request (the queues on the way included, no wait for an upload slot)",
+             request and each piece it sent on a stripe stream (the queues on the way \
+             included, no wait for an upload slot)",
             m.peer_rtt.clone(),
         );
         r.register(

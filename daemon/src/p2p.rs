@@ -128,6 +128,8 @@ impl P2pFetch<'_> {
         let opened = feeds.update(&named, planner.have());
         planner.feed(now, feeds.stripes(), &opened);
         *self.lock_pieces() = Some(served);
+        // Children whose stripe streams came before this pull began find it now.
+        self.swarm.news.bump();
         self.tx.send_replace(FlightState::Running { written: 0 });
 
         let mut jobs: JoinSet<PieceResult> = JoinSet::new();
@@ -284,11 +286,13 @@ impl P2pFetch<'_> {
             let now = Instant::now();
             if let Some(after) = done.answered_in {
                 self.metrics.peer_answered(after);
-                if let From::Peer(addr) = done.from
-                    && let Some(rtt) = self.swarm.round_trip(addr)
-                {
-                    self.metrics.peer_round_trip(rtt);
-                }
+            }
+            let answered = done.answered_in.is_some() || done.pushed.is_some();
+            if answered
+                && let From::Peer(addr) = done.from
+                && let Some(rtt) = self.swarm.round_trip(addr)
+            {
+                self.metrics.peer_round_trip(rtt);
             }
             let mut bytes = match done.bytes {
                 Ok(bytes) => bytes,

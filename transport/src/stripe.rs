@@ -18,8 +18,9 @@ use tokio::sync::watch;
 
 use crate::pieces::{Found, GroupHashes, Piece, PieceError, UploadLimits};
 
-/// Longest a stripe stream waits for the holder's next piece before it ends: the asker
-/// then gets the rest elsewhere. Long, since the holder may wait on its own feed.
+/// Longest a stripe stream waits for the holder's next piece (or for the holder to begin
+/// its own pull of the blob) before it ends: the asker then gets the rest elsewhere. Long,
+/// since the holder may wait on its own feed.
 pub const STRIPE_IDLE: Duration = Duration::from_secs(30);
 /// Longest an asker may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -72,16 +73,27 @@ pub async fn serve_stripe(
     let Some(request) = decoder.decode::<StripeRequest>()? else {
         return Err(PieceError::Protocol("stripe request incomplete".into()));
     };
-    let Some((layout, _)) = holder.held(&request.digest) else {
-        return refuse(&mut send, PeerReply::Missing).await;
-    };
-    request
-        .validate(layout)
-        .map_err(|e| PieceError::Protocol(e.to_string()))?;
     let Some(_stream) = uploads.stripe_stream() else {
         return refuse(&mut send, PeerReply::Busy).await;
     };
     let mut news = holder.news();
+    // The asker may learn of its feed before the feed has begun its own pull: wait for it.
+    let layout = loop {
+        news.borrow_and_update();
+        if let Some((layout, _)) = holder.held(&request.digest) {
+            break layout;
+        }
+        tokio::select! {
+            changed = tokio::time::timeout(STRIPE_IDLE, news.changed()) => match changed {
+                Ok(Ok(())) => continue,
+                _ => return refuse(&mut send, PeerReply::Missing).await,
+            },
+            _ = send.stopped() => return Ok(()),
+        }
+    };
+    request
+        .validate(layout)
+        .map_err(|e| PieceError::Protocol(e.to_string()))?;
     // Pieces the asker has, or was sent: never sent (again).
     let mut skip = request.have.clone();
     let mut hashes_sent_for = None;
@@ -427,9 +439,10 @@ mod tests {
             matches!(end, Ok(Ok(None))),
             "the whole stripe was sent: {end:?}"
         );
-        // A blob the holder does not have is refused.
+        // A blob the holder does not have yet is waited for, a while.
         let other = request(BlobDigest::of(b"other"), PieceSet::empty(layout.count()));
-        let mut refused = open_stripe(&conn, other, layout).await.unwrap();
-        assert!(matches!(refused.next().await, Err(PieceError::Missing)));
+        let mut waiting = open_stripe(&conn, other, layout).await.unwrap();
+        let waited = tokio::time::timeout(Duration::from_millis(300), waiting.next()).await;
+        assert!(waited.is_err(), "still waiting: {waited:?}");
     }
 }
