@@ -252,6 +252,7 @@ fn questions(c: &mut Criterion) {
             },
             known_groups,
             hold: false,
+            fed: false,
         };
         // Every node holds the blob (parents for each answer); the seed has read it all,
         // and the questions say they know every group hash: answers of parents only.

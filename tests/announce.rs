@@ -95,6 +95,7 @@ fn announcements_on_one_stream_make_their_node_a_parent() {
             },
             known_groups: 0,
             hold: true,
+            fed: false,
         };
         let a = Node::join(&sn, 1).await;
         assert!(matches!(a.ask(&want).await, Some(FromSupernode::Task(_))));

@@ -393,6 +393,7 @@ async fn corrupting_peer(
             origin,
             known_groups: 0,
             hold: true,
+            fed: false,
         },
         ToSupernode::Have {
             digest,

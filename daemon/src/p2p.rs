@@ -216,8 +216,12 @@ impl P2pFetch<'_> {
                         len: req.len,
                         origin: origin.clone(),
                         known_groups: self.with_checked(|c| c.hashes.groups_known()).unwrap_or(0),
-                        // Every piece with a known hash is here: wait for more hashes.
-                        hold: self.with_checked(|c| c.hashes.pieces_known()).is_none_or(|known| prefix >= known),
+                        // Every piece with a known hash is here, or a stripe stream holds a
+                        // piece until its hash comes: wait for more hashes.
+                        hold: feeds.waiting_for_hashes()
+                            || self.with_checked(|c| c.hashes.pieces_known()).is_none_or(|known| prefix >= known),
+                        // Streams bring every stripe: parents would go unused.
+                        fed: planner.all_fed(Instant::now()),
                     };
                     let swarm = self.swarm.clone();
                     asking = Some(tokio::spawn(async move { swarm.control(supernode, &msg).await }));

@@ -251,6 +251,11 @@ impl Planner {
             .fold(0, |m, (s, _)| m | 1 << s)
     }
 
+    /// Whether every stripe comes on a stream that sent something lately.
+    pub fn all_fed(&self, now: Instant) -> bool {
+        self.stripes > 0 && self.fed(now).count_ones() == self.stripes
+    }
+
     /// Whether `piece` is in one of the `fed` stripes.
     fn is_fed(&self, fed: u64, piece: PieceIndex) -> bool {
         self.stripe_of(piece).is_some_and(|s| fed & (1 << s) != 0)
@@ -789,6 +794,10 @@ mod tests {
         let later = now + stall / 2;
         p.pushed(later, PieceIndex(0));
         assert!(p.next_requests(later).is_empty(), "both streams are live");
+        assert!(!p.all_fed(later), "stripes 2 and 3 are not fed");
+        let mut all = Planner::new(PlannerConfig::default(), layout(16), NodeId(1), now);
+        all.feed(now, 4, &[0, 1, 2, 3]);
+        assert!(all.all_fed(now) && !all.all_fed(now + stall));
         let silent = now + stall + Duration::from_millis(1);
         assert_eq!(
             asked(&p.next_requests(silent)),

@@ -237,6 +237,7 @@ impl Swarm {
             origin: origin.clone(),
             known_groups: 0,
             hold: true,
+            fed: false,
         };
         let mut last = None;
         for supernode in self.ranked(&digest) {

@@ -396,12 +396,16 @@ pub enum ToSupernode {
     /// it answers at once: a node with pieces to fetch needs fresh parents, not hashes, and
     /// a group takes the seed a while (`shoal sim`, 1,000 x 1 GiB: 1.38x S/B holding
     /// every question, 1.29x with groups of one piece).
+    ///
+    /// With `fed`, every stripe of the blob comes to the node on a stream
+    /// ([`Task::feeds`]): the answer names no parents.
     Want {
         digest: BlobDigest,
         len: u64,
         origin: Origin,
         known_groups: u32,
         hold: bool,
+        fed: bool,
     },
     /// The node now holds these pieces (batched), and is this busy uploading.
     Have {

@@ -354,10 +354,12 @@ async fn control(
             origin,
             known_groups,
             hold,
+            fed,
         } => {
             let known = Known {
                 groups: known_groups,
                 hold,
+                fed,
             };
             Some(want(state, node, now, digest, len, &origin, known).await)
         }
@@ -457,6 +459,8 @@ fn have(
 struct Known {
     groups: u32,
     hold: bool,
+    /// Every stripe comes to the node on a stream: it needs no parents.
+    fed: bool,
 }
 
 async fn want(
@@ -499,7 +503,10 @@ async fn want(
     let held: Vec<PieceIndex> = (0..whole).map(PieceIndex).collect();
     let _ = s.want(now, state.me, digest, layout);
     let _ = s.have(now, state.me, &digest, &held);
-    let parents = s.parents(now, node, &digest).unwrap_or_default();
+    let parents = match known.fed {
+        true => Vec::new(),
+        false => s.parents(now, node, &digest).unwrap_or_default(),
+    };
     let feeds = s.feeds(node, &digest);
     state.decisions.fetch_add(1, Ordering::Relaxed);
     // Only the group hashes the node lacks: the rest would be resent with every question.
