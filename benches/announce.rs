@@ -253,6 +253,7 @@ fn questions(c: &mut Criterion) {
             known_groups,
             hold: false,
             fed: false,
+            feeds_tag: 0,
         };
         // Every node holds the blob (parents for each answer); the seed has read it all,
         // and the questions say they know every group hash: answers of parents only.

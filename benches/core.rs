@@ -115,7 +115,7 @@ fn task() -> FromSupernode {
         groups_from: 0,
         groups,
         parents,
-        feeds: Vec::new(),
+        feeds: None,
     })
 }
 

@@ -96,6 +96,7 @@ fn announcements_on_one_stream_make_their_node_a_parent() {
             known_groups: 0,
             hold: true,
             fed: false,
+            feeds_tag: 0,
         };
         let a = Node::join(&sn, 1).await;
         assert!(matches!(a.ask(&want).await, Some(FromSupernode::Task(_))));

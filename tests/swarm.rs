@@ -394,6 +394,7 @@ async fn corrupting_peer(
             known_groups: 0,
             hold: true,
             fed: false,
+            feeds_tag: 0,
         },
         ToSupernode::Have {
             digest,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use shoal_proto::message::{PieceSet, StripeRequest};
+use shoal_proto::message::{PieceSet, StripeRequest, feeds_tag};
 use shoal_proto::{BlobDigest, PieceIndex, PieceLayout};
 use shoal_transport::pieces::Piece;
 use shoal_transport::stripe::open_stripe;
@@ -64,6 +64,8 @@ pub struct Feeds {
     known: watch::Sender<u32>,
     /// Streams whose next piece waits for its hash.
     waiting: Arc<AtomicUsize>,
+    /// The [`feeds_tag`] of the feeds last named.
+    tag: u32,
 }
 
 impl Feeds {
@@ -79,7 +81,13 @@ impl Feeds {
             rx,
             known: watch::Sender::new(0),
             waiting: Arc::default(),
+            tag: 0,
         }
+    }
+
+    /// The tag of the feeds the supernode last named (0: none), for the next `Want`.
+    pub fn tag(&self) -> u32 {
+        self.tag
     }
 
     /// Stripes the blob is cut into (0: none).
@@ -106,10 +114,15 @@ impl Feeds {
         });
     }
 
-    /// The supernode named these feeds (one per stripe; none: no stripes). A stream opens
-    /// to each feed not streaming yet, asking for the pieces not in `have`; streams from
-    /// feeds no longer named end. Returns the stripes whose streams opened.
-    pub fn update(&mut self, feeds: &[SocketAddr], have: &PieceSet) -> Vec<u32> {
+    /// The supernode named these feeds (one per stripe; none: no stripes; `None`: the
+    /// same as before). A stream opens to each feed not streaming yet, asking for the
+    /// pieces not in `have`; streams from feeds no longer named end. Returns the stripes
+    /// whose streams opened.
+    pub fn update(&mut self, feeds: Option<&[SocketAddr]>, have: &PieceSet) -> Vec<u32> {
+        let Some(feeds) = feeds else {
+            return Vec::new();
+        };
+        self.tag = feeds_tag(feeds);
         if feeds.len() != self.streams.len() {
             self.stop();
             self.streams = feeds.iter().map(|_| None).collect();
@@ -163,6 +176,7 @@ impl Feeds {
     pub fn stop(&mut self) {
         self.tasks.abort_all();
         self.streams.clear();
+        self.tag = 0;
     }
 
     /// The next piece or end of a stream; pending while no stream runs.

@@ -125,7 +125,7 @@ impl P2pFetch<'_> {
         planner.offer(parents);
         let mut feeds = Feeds::new(self.swarm.clone(), req.digest, layout);
         feeds.hashes_known(known);
-        let opened = feeds.update(&named, planner.have());
+        let opened = feeds.update(named.as_deref(), planner.have());
         planner.feed(now, feeds.stripes(), &opened);
         *self.lock_pieces() = Some(served);
         // Children whose stripe streams came before this pull began find it now.
@@ -222,6 +222,7 @@ impl P2pFetch<'_> {
                             || self.with_checked(|c| c.hashes.pieces_known()).is_none_or(|known| prefix >= known),
                         // Streams bring every stripe: parents would go unused.
                         fed: planner.all_fed(Instant::now()),
+                        feeds_tag: feeds.tag(),
                     };
                     let swarm = self.swarm.clone();
                     asking = Some(tokio::spawn(async move { swarm.control(supernode, &msg).await }));
@@ -241,7 +242,7 @@ impl P2pFetch<'_> {
                             });
                             planner.hashes_known(known.unwrap_or(0));
                             feeds.hashes_known(known.unwrap_or(0));
-                            let opened = feeds.update(&named, planner.have());
+                            let opened = feeds.update(named.as_deref(), planner.have());
                             planner.feed(Instant::now(), feeds.stripes(), &opened);
                             if std::mem::take(&mut took_over) {
                                 announce.clear();
@@ -605,7 +606,7 @@ mod tests {
                 groups_from,
                 groups: vec![shoal_proto::GroupHash([1; 32]); n],
                 parents: Vec::new(),
-                feeds: Vec::new(),
+                feeds: None,
             }))
         };
         let count = layout.groups() as usize;

@@ -238,6 +238,7 @@ impl Swarm {
             known_groups: 0,
             hold: true,
             fed: false,
+            feeds_tag: 0,
         };
         let mut last = None;
         for supernode in self.ranked(&digest) {

@@ -346,6 +346,9 @@ struct Pull {
     /// Of those, the pieces whose hashes have reached the node (with `--push-stripes` a
     /// pull is done once it has every piece and every hash).
     hashes_in: u32,
+    /// With `--push-stripes`: pieces in from a stream whose hashes have not come yet (not
+    /// passed on until they do, as the daemon).
+    unhashed: u32,
     /// What the planner asked for at the latest step, until the requests are sent.
     requests: Vec<Request>,
 }
@@ -742,6 +745,7 @@ impl Sim {
                 done: false,
                 hashes_told: 0,
                 hashes_in: 0,
+                unhashed: 0,
                 requests: Vec::new(),
             })
             .collect::<Vec<_>>();
@@ -1006,8 +1010,9 @@ impl Sim {
         }
         let haves = std::mem::take(&mut p.haves);
         let sending = self.uploads[p.node as usize];
-        // As the daemon does: a node with every piece it knows a hash of asks to be held.
-        let hold = p.prefix >= p.hashes_told;
+        // As the daemon does: a node with every piece it knows a hash of, or with a piece
+        // from a stream that waits for its hash, asks to be held.
+        let hold = p.prefix >= p.hashes_told || p.unhashed > 0;
         let at = tick(t + REFRESH);
         p.next_ask = at;
         self.asks.push(std::cmp::Reverse((at, pull)));
@@ -1127,11 +1132,15 @@ impl Sim {
         let from = layout.whole_groups(p.hashes_told.min(hashes));
         p.hashes_told = hashes;
         let new = layout.whole_groups(hashes) - from;
-        // Under push an answer names the node's feed for each stripe (as shoal-supernode's
-        // do with `--stripes`): addresses of one size stand in for them.
-        let stripes = self.push.as_ref().map_or(0, |p| p.stripes() as usize);
-        let feeds = vec![std::net::SocketAddr::from(([10, 0, 0, 1], 7000)); stripes];
-        let len = task_frame_len(from, new as usize, &parents, &feeds) as u64;
+        // Under push an answer names the node's feed for each stripe when they changed (as
+        // shoal-supernode's do with `--stripes`): addresses of one size stand in for them.
+        let stripes = self
+            .push
+            .as_mut()
+            .map_or(0, |push| push.feeds_to_tell(pull));
+        let addr = std::net::SocketAddr::from(([10, 0, 0, 1], 7000));
+        let feeds = (stripes > 0).then(|| vec![addr; stripes]);
+        let len = task_frame_len(from, new as usize, &parents, feeds.as_deref()) as u64;
         self.answer_bytes += len;
         self.answers_sent += 1;
         let slot = (t.max(0.0) as usize) * self.sns.len() + sn_index;
@@ -1318,10 +1327,12 @@ impl Sim {
             // Nothing in flight: ask the supernode again soon, as the daemon does (without
             // a supernode, look again at the next REFRESH). A node fed by push trees is not
             // hungry for parents: its streams bring the pieces.
+            // One with a piece from a stream that waits for its hash is, as the daemon.
             let fed = self.push.is_some();
             let p = &mut self.pulls[pull as usize];
+            let waits = p.unhashed > 0;
             let planner = p.planner.as_mut().expect("planned").get();
-            if !fed && planner.in_flight() == 0 && !planner.is_complete() {
+            if (!fed || waits) && planner.in_flight() == 0 && !planner.is_complete() {
                 let wait = if p.lost {
                     REFRESH
                 } else {
@@ -1581,12 +1592,6 @@ impl Sim {
                     let b = &self.blobs[blob as usize];
                     (b.digest, b.layout)
                 };
-                if self.push.is_some()
-                    && let Some(root) = self.push_root(blob, piece)
-                {
-                    let pull = self.pull_of(root, blob);
-                    self.push_to(t, self.seed_host(sn), root, pull, piece, Src::Seed);
-                }
                 let seed = seed_id(sn);
                 let s = &mut self.sns[sn];
                 s.seeded.insert(blob, piece + 1);
@@ -1602,6 +1607,16 @@ impl Sim {
                     let s = &mut self.sns[sn];
                     let _ = s.scheduler.have(now, seed, &digest, &whole);
                     self.release_held(t, sn, blob);
+                    // As shoal-supernode's seed does: a stripe stream gets a group's pieces
+                    // once the group is whole (its hash can go out).
+                    for piece in whole {
+                        if self.push.is_some()
+                            && let Some(root) = self.push_root(blob, piece.0)
+                        {
+                            let pull = self.pull_of(root, blob);
+                            self.push_to(t, self.seed_host(sn), root, pull, piece.0, Src::Seed);
+                        }
+                    }
                 }
                 None
             }
@@ -1627,6 +1642,9 @@ impl Sim {
                 let planner = p.planner.as_mut().expect("joined");
                 let complete = planner.done(now, PieceIndex(piece), &mut p.prefix)
                     && (self.push.is_none() || p.hashes_in >= layout.count());
+                if self.push.is_some() && piece >= p.hashes_in {
+                    p.unhashed += 1;
+                }
                 p.haves.push(PieceIndex(piece));
                 self.touch(pull);
                 if !complete {
@@ -1665,10 +1683,27 @@ impl Sim {
     /// all be in already, and then it is done.
     fn hashes_in(&mut self, t: f64, pull: u32, hashes: u32) {
         let p = &mut self.pulls[pull as usize];
+        let before = p.hashes_in;
         p.hashes_in = p.hashes_in.max(hashes);
         if self.push.is_none() || p.done {
             return;
         }
+        // Pieces that waited for these hashes are checked now, and go on down the trees.
+        let (node, blob) = (p.node, p.blob);
+        let checked: Vec<u32> = match p.planner.as_ref() {
+            Some(l) if p.unhashed > 0 => (before..p.hashes_in)
+                .filter(|&i| l.have.contains(PieceIndex(i)))
+                .collect(),
+            _ => Vec::new(),
+        };
+        p.unhashed -= checked.len() as u32;
+        for piece in checked {
+            for child in self.push_children(node, blob, piece) {
+                let pull = self.pull_of(child, blob);
+                self.push_to(t, node, child, pull, piece, Src::Peer);
+            }
+        }
+        let p = &self.pulls[pull as usize];
         let count = self.blobs[p.blob as usize].layout.count();
         let all_in = p.planner.as_ref().is_some_and(|l| l.have.is_full());
         if all_in && p.hashes_in >= count && self.pull_done(t, pull).is_some() {

@@ -41,6 +41,9 @@ pub struct Push {
     coming: Vec<Vec<bool>>,
     /// Per pull: the stripe its node forwards (read for every piece that arrives).
     forwards: Vec<Option<u32>>,
+    /// Per pull: its node has been told its feeds as they are now (answers leave them out
+    /// then, as shoal-supernode's do).
+    feeds_told: Vec<bool>,
 }
 
 impl Push {
@@ -53,12 +56,17 @@ impl Push {
             lines: Lines::new(),
             coming: vec![Vec::new(); pulls],
             forwards: vec![None; pulls],
+            feeds_told: vec![false; pulls],
         }
     }
 
-    /// Stripes a blob is cut into.
-    pub fn stripes(&self) -> u32 {
-        self.k
+    /// The feeds an answer to `pull` names: all of them when they changed since it was
+    /// last told (they count as told from now on), else none.
+    pub fn feeds_to_tell(&mut self, pull: u32) -> usize {
+        match std::mem::replace(&mut self.feeds_told[pull as usize], true) {
+            true => 0,
+            false => self.k as usize,
+        }
     }
 
     /// Marks `piece` as coming to `pull` (of `count` pieces); false if it already was.
@@ -131,7 +139,7 @@ impl Sim {
 
     /// Whom `node` sends `piece` of `blob` on to once it has it (none unless it forwards
     /// the piece's stripe).
-    fn push_children(&self, node: Host, blob: u32, piece: u32) -> Vec<Host> {
+    pub(super) fn push_children(&self, node: Host, blob: u32, piece: u32) -> Vec<Host> {
         let push = self.push();
         let pull = self.pull_of(node, blob);
         if push.forwards[pull as usize] != Some(push.stripe(piece)) {
@@ -191,7 +199,13 @@ impl Sim {
             // Its bytes follow the last one's on the stream: no gap on the link.
             self.net.start(from, to, len, tag);
         }
-        let blob = self.pulls[pull as usize].blob;
+        let p = &self.pulls[pull as usize];
+        // As the daemon does: a piece goes on once checked, against the hash it may still
+        // wait for (`Sim::hashes_in` sends it on).
+        if piece >= p.hashes_in {
+            return;
+        }
+        let blob = p.blob;
         for child in self.push_children(to, blob, piece) {
             let pull = self.pull_of(child, blob);
             self.push_to(t, to, child, pull, piece, Src::Peer);
@@ -244,6 +258,7 @@ impl Sim {
             push.forwards[pull as usize] = forwards;
             let from = std::mem::replace(&mut push.feeds[pull as usize][stripe as usize], to);
             if from != to {
+                push.feeds_told[pull as usize] = false;
                 moved.push(Moved {
                     pull,
                     stripe,
@@ -300,16 +315,20 @@ impl Sim {
     fn source_has(&self, source: Source, pull: u32, piece: u32) -> bool {
         let p = &self.pulls[pull as usize];
         match source {
+            // Only checked pieces: those whose hashes the holder has.
             Source::Node(parent) => {
                 let from = &self.pulls[self.pull_of(parent, p.blob) as usize];
-                from.planner
-                    .as_ref()
-                    .is_some_and(|l| l.have.contains(PieceIndex(piece)))
+                piece < from.hashes_in
+                    && from
+                        .planner
+                        .as_ref()
+                        .is_some_and(|l| l.have.contains(PieceIndex(piece)))
             }
-            Source::Seed => self.sns[p.sn]
-                .seeded
-                .get(&p.blob)
-                .is_some_and(|&n| piece < n),
+            Source::Seed => {
+                let layout = self.blobs[p.blob as usize].layout;
+                let seeded = self.sns[p.sn].seeded.get(&p.blob).copied().unwrap_or(0);
+                piece < layout.pieces_in_groups(layout.whole_groups(seeded))
+            }
         }
     }
 

@@ -17,6 +17,7 @@ use hyper_util::rt::TokioIo;
 use shoal_proto::frame::{self, FrameDecoder, MAX_FRAME};
 use shoal_proto::message::{
     CONTROL_PRIORITY, FromSupernode, NodeId, PieceSet, StreamKind, Task, ToSupernode, Uploads,
+    feeds_tag,
 };
 use shoal_proto::{BlobDigest, PieceIndex, PieceLayout};
 use shoal_registry_proxy::{Upstream, UpstreamConfig};
@@ -355,11 +356,13 @@ async fn control(
             known_groups,
             hold,
             fed,
+            feeds_tag,
         } => {
             let known = Known {
                 groups: known_groups,
                 hold,
                 fed,
+                feeds_tag,
             };
             Some(want(state, node, now, digest, len, &origin, known).await)
         }
@@ -461,6 +464,8 @@ struct Known {
     hold: bool,
     /// Every stripe comes to the node on a stream: it needs no parents.
     fed: bool,
+    /// The tag of the feeds the node has.
+    feeds_tag: u32,
 }
 
 async fn want(
@@ -508,6 +513,7 @@ async fn want(
         false => s.parents(now, node, &digest).unwrap_or_default(),
     };
     let feeds = s.feeds(node, &digest);
+    let feeds = (feeds_tag(&feeds) != known.feeds_tag).then_some(feeds);
     state.decisions.fetch_add(1, Ordering::Relaxed);
     // Only the group hashes the node lacks: the rest would be resent with every question.
     let from = (known.groups as usize).min(progress.groups.len());
