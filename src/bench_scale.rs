@@ -38,7 +38,7 @@ pub struct ScaleOutArgs {
     pub supernodes: usize,
     /// Stripes per blob (shoal-supernode's --stripes): each node gets every stripe on one
     /// stream from its feed in the stripe's tree, as the feed gets it (0: off; the sim of
-    /// a --cross-check then models it with --push-stripes)
+    /// a --cross-check then models it with --stripes)
     #[arg(long, default_value_t = 0, value_name = "K")]
     pub stripes: u32,
     /// Push the image to this registry (http://HOST:PORT) instead of starting one
@@ -218,7 +218,7 @@ pub fn sim_command(args: &ScaleOutArgs, run: &Run) -> Option<String> {
         },
         match args.stripes {
             0 => String::new(),
-            k => format!(" --push-stripes {k}"),
+            k => format!(" --stripes {k}"),
         }
     ))
 }

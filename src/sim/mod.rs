@@ -130,11 +130,12 @@ pub struct SimArgs {
     /// 2 pieces more than --max-upload-peers while its link runs under 90% used
     #[arg(long)]
     pub upload_link_known: bool,
-    /// Model stripe trees with push, a design shoald does not have yet: K stripes, each
-    /// node forwarding one to its children as pieces arrive, unasked (0 = off: the mesh
-    /// that shoald runs). Not with --supernode-dies-at
-    #[arg(long, default_value_t = 0)]
-    pub push_stripes: u32,
+    /// Stripe trees, as shoal-supernode's --stripes K: each node gets every stripe on one
+    /// stream from its feed, which sends each piece it has checked unasked, and forwards
+    /// its own stripe to its children (0 = off: nodes ask each other for pieces). Not with
+    /// --supernode-dies-at
+    #[arg(long, alias = "push-stripes", default_value_t = 0, value_name = "K")]
+    pub stripes: u32,
     /// Threads for the planners' decisions (0 = one per core); results do not depend on it
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -183,14 +184,14 @@ impl SimArgs {
             "--supernodes must be between 1 and {MAX_SUPERNODES}"
         );
         anyhow::ensure!(
-            self.push_stripes == 0
-                || ((2..=MAX_STRIPES).contains(&self.push_stripes)
-                    && self.push_stripes as usize <= self.nodes),
-            "--push-stripes must be 0 (off) or between 2 and {MAX_STRIPES} and at most --nodes"
+            self.stripes == 0
+                || ((2..=MAX_STRIPES).contains(&self.stripes)
+                    && self.stripes as usize <= self.nodes),
+            "--stripes must be 0 (off) or between 2 and {MAX_STRIPES} and at most --nodes"
         );
         anyhow::ensure!(
-            self.push_stripes == 0 || self.supernode_dies_at.is_none(),
-            "--push-stripes does not model a supernode that dies: no --supernode-dies-at"
+            self.stripes == 0 || self.supernode_dies_at.is_none(),
+            "--stripes does not model a supernode that dies: no --supernode-dies-at"
         );
         anyhow::ensure!(
             self.max_upload_peers > 0,
@@ -251,8 +252,8 @@ const MAX_NODES: usize = 1_000_000;
 /// Supernodes a sim runs (each seed's address holds its index in a byte).
 const MAX_SUPERNODES: usize = 255;
 const MAX_THREADS: usize = 1024;
-/// Stripes of `--push-stripes`: a node's children in its tree, and flows into it.
-const MAX_STRIPES: u32 = 64;
+/// Stripes of `--stripes`, as shoal-supernode takes them.
+const MAX_STRIPES: u32 = shoal_proto::message::MAX_STRIPES;
 const MAX_SECONDS: f64 = 3600.0;
 /// Steps of the model in the time the pull takes at best (the default step makes 4 per
 /// piece of a node's pull).
@@ -343,10 +344,10 @@ struct Pull {
     done: bool,
     /// Pieces whose group hashes the supernode's answers have given this pull so far.
     hashes_told: u32,
-    /// Of those, the pieces whose hashes have reached the node (with `--push-stripes` a
+    /// Of those, the pieces whose hashes have reached the node (with `--stripes` a
     /// pull is done once it has every piece and every hash).
     hashes_in: u32,
-    /// With `--push-stripes`: pieces in from a stream whose hashes have not come yet (not
+    /// With `--stripes`: pieces in from a stream whose hashes have not come yet (not
     /// passed on until they do, as the daemon).
     unhashed: u32,
     /// What the planner asked for at the latest step, until the requests are sent.
@@ -588,7 +589,7 @@ struct Sim {
     held: Vec<Held>,
     /// Questions and announcements on their way to supernodes, in the order they arrive.
     outbound: VecDeque<Outbound>,
-    /// `--push-stripes`: the trees, and the streams from parents to children.
+    /// `--stripes`: the trees, and the streams from parents to children.
     push: Option<push::Push>,
     /// Nodes that finished when their last hashes arrived (not with a piece).
     finished_with_hashes: usize,
@@ -695,7 +696,7 @@ impl Sim {
         let sns = (0..args.supernodes)
             .map(|k| {
                 let mut scheduler = Scheduler::new(SchedulerConfig {
-                    stripes: args.push_stripes,
+                    stripes: args.stripes,
                     ..SchedulerConfig::default()
                 });
                 let seed = seed_id(k);
@@ -788,9 +789,9 @@ impl Sim {
             offers_sent: 0,
             held: Vec::new(),
             outbound: VecDeque::new(),
-            push: (args.push_stripes > 0).then(|| {
+            push: (args.stripes > 0).then(|| {
                 let ids = (0..n as u32).map(node_id);
-                push::Push::new(args.push_stripes, ids, n * args.layers)
+                push::Push::new(args.stripes, ids, n * args.layers)
             }),
             finished_with_hashes: 0,
         })
@@ -2009,7 +2010,7 @@ mod tests {
     fn push_trees_send_each_piece_once_per_node_and_the_seed_sends_the_image_once() {
         let args = "--nodes 40 --image-size 32MiB --layers 2 --bandwidth 100mbit";
         let mesh = sim(args).shoal;
-        let run = sim(&format!("{args} --push-stripes 4"));
+        let run = sim(&format!("{args} --stripes 4"));
         let push = &run.shoal;
         assert_eq!(push.failures, 0, "{}", run.table());
         assert_eq!(push.node_completion_s.len(), 40);
@@ -2035,7 +2036,7 @@ mod tests {
     #[test]
     fn push_trees_mend_as_nodes_join_late_and_leave_and_lose_nothing() {
         let args = "--nodes 60 --image-size 32MiB --layers 2 --bandwidth 100mbit --late 0.3 \
-                    --join-window 2 --leave 0.2 --push-stripes 4";
+                    --join-window 2 --leave 0.2 --stripes 4";
         let outcome = sim(args);
         let push = &outcome.shoal;
         assert_eq!(push.failures, 0, "{}", outcome.table());
@@ -2048,9 +2049,9 @@ mod tests {
             serde_json::to_value(push).unwrap(),
             serde_json::to_value(&sim(args).shoal).unwrap()
         );
-        let cli = Cli::try_parse_from(["sim", "--push-stripes=4", "--supernode-dies-at=1"]);
+        let cli = Cli::try_parse_from(["sim", "--stripes=4", "--supernode-dies-at=1"]);
         let error = run(&cli.unwrap().sim).unwrap_err().to_string();
-        assert!(error.contains("--push-stripes"), "{error}");
+        assert!(error.contains("--stripes"), "{error}");
     }
 
     #[test]
@@ -2341,9 +2342,9 @@ mod tests {
             ("--bandwidth", "1kbit"),
             ("--supernodes", "0"),
             ("--supernodes", "256"),
-            ("--push-stripes", "1"),
-            ("--push-stripes", "65"),
-            ("--push-stripes", "2000"),
+            ("--stripes", "1"),
+            ("--stripes", "65"),
+            ("--stripes", "2000"),
         ] {
             let cli = Cli::try_parse_from(["sim", &format!("{flag}={value}")]).unwrap();
             let error = run(&cli.sim).unwrap_err().to_string();

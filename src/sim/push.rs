@@ -1,22 +1,25 @@
-//! Stripe trees with push, as a model (`shoal sim --push-stripes K`): a design that
-//! shoald does not have yet, measured here before it is built.
+//! Stripe trees (`shoal sim --stripes K`), as shoald and shoal-supernode run them with
+//! `shoal-supernode --stripes K` (`shoal_transport::stripe`, `shoal_daemon::feeds`).
 //!
 //! Who feeds whom is the blob's supernode's: its scheduler keeps [`StripeTrees`] per task
 //! ([`shoal_supernode::SchedulerConfig::stripes`]), which a node joins when it first asks
 //! for the blob. Piece `i` is in stripe `i % k`, each node forwards one stripe down a
 //! k-ary tree of the stripe's forwarders, and the other nodes hang under them as leaves. A
 //! node that receives a piece of the stripe it forwards sends it on to each of its children
-//! at once, unasked, one piece at a time per child (a stream per child). Every node then
+//! once it has checked it, unasked, one piece at a time per child (a stream per child); a
+//! piece whose hash the node has not learnt yet waits for it. The seed sends a group's
+//! pieces once the group is whole (its hash can go out). Every node then
 //! sends one stripe at its whole upload and receives each stripe at 1/k of its download:
 //! both links full by construction. Nodes still check each piece against the hashes from
-//! the supernode, whose answers then carry no parents; and a node fed by its streams asks
-//! the supernode every REFRESH, not as soon as nothing is in flight.
+//! the supernode, whose answers then carry no parents (and name a node's feeds only when
+//! they changed); and a node fed by its streams asks the supernode every REFRESH, not as
+//! soon as nothing is in flight, unless a piece waits for its hash.
 //!
 //! When nodes join late or leave, the trees mend and name the streams that moved: the old
 //! stream ends, and the new source first sends, in order, the pieces of the stripe it has
-//! and the node lacks, then each new one. Not modelled: the mesh beside the streams (no
-//! piece is asked for), a supernode that dies, and a forwarder that sends bad data (its
-//! subtree would fall back to asking).
+//! and the node lacks, then each new one. Not modelled: the mesh beside the streams, which
+//! shoald falls back to for a stripe whose stream ends or sends nothing for 3 s (here no
+//! piece is asked for), a supernode that dies, and a forwarder that sends bad data.
 //!
 //! [`StripeTrees`]: shoal_supernode::stripes::StripeTrees
 
