@@ -271,6 +271,11 @@ pub struct SupernodeProc {
 impl SupernodeProc {
     /// Starts a supernode with its data in `dir`, seeding from `registry` over plain HTTP.
     pub fn start(dir: &Path, registry: &str) -> SupernodeProc {
+        Self::start_with(dir, registry, &[])
+    }
+
+    /// As [`SupernodeProc::start`], with more flags (`--stripes 2`).
+    pub fn start_with(dir: &Path, registry: &str, flags: &[&str]) -> SupernodeProc {
         let addr = format!("127.0.0.1:{}", free_port());
         let api = format!("127.0.0.1:{}", free_port());
         std::fs::create_dir_all(dir).unwrap();
@@ -284,6 +289,7 @@ impl SupernodeProc {
                 "--insecure-registry",
                 registry,
             ])
+            .args(flags)
             .arg("--data-dir")
             .arg(dir)
             .env("SHOAL_LOG", "info")

@@ -96,6 +96,18 @@ fn random_blob(len: usize, seed: u64) -> Blob {
 /// right digest.
 #[test]
 fn a_peer_killed_mid_transfer_does_not_fail_the_others() {
+    a_peer_killed_mid_transfer(&[]);
+}
+
+/// (b) with stripe trees: the killed node fed others a stripe; their streams end, the
+/// stripe comes from parents, and the trees mend.
+#[test]
+fn a_feed_killed_mid_transfer_does_not_fail_the_others() {
+    a_peer_killed_mid_transfer(&["--stripes", "2"]);
+}
+
+/// Three daemons pull a blob from a supernode started with `flags`; one is killed 150 ms in.
+fn a_peer_killed_mid_transfer(flags: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(dir.path(), &[]);
     let blob = random_blob(96 << 20, 12);
@@ -116,7 +128,7 @@ fn a_peer_killed_mid_transfer_does_not_fail_the_others() {
         None,
     ))
     .unwrap();
-    let sn = SupernodeProc::start(&dir.path().join("sn"), &registry.addr);
+    let sn = SupernodeProc::start_with(&dir.path().join("sn"), &registry.addr, flags);
     let mut daemons: Vec<Shoald> = ["a", "b", "c"]
         .iter()
         .map(|n| start_daemon(dir.path(), n, &registry, &sn))
