@@ -649,6 +649,17 @@ async fn slow_proxy(registry: &str, rate: u64) -> String {
 /// and the registry sends the blob about twice (once per seed), not once per node.
 #[test]
 fn when_the_blobs_supernode_dies_mid_pull_the_next_one_takes_over() {
+    supernode_dies_mid_pull(0);
+}
+
+/// The same with stripe trees: the next supernode names new feeds from its own trees, and
+/// the streams move to them.
+#[test]
+fn when_the_blobs_supernode_dies_mid_pull_the_next_one_takes_over_the_stripe_trees() {
+    supernode_dies_mid_pull(2);
+}
+
+fn supernode_dies_mid_pull(stripes: u32) {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(dir.path(), &[]);
     let blob = random_blob(32 << 20, 7);
@@ -661,9 +672,11 @@ fn when_the_blobs_supernode_dies_mid_pull_the_next_one_takes_over() {
         // Seeding the blob takes the first supernode 4 s.
         let proxy = slow_proxy(&registry.addr, 8 << 20).await;
         let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-        let first = Supernode::start(supernode_config(&a, &proxy, "127.0.0.1:0"))
-            .await
-            .unwrap();
+        let config = |dir| SupernodeConfig {
+            stripes,
+            ..supernode_config(dir, &proxy, "127.0.0.1:0")
+        };
+        let first = Supernode::start(config(&a)).await.unwrap();
         // One cluster: the second supernode uses the first one's CA and join token.
         std::fs::create_dir_all(b.join("supernode/ca")).unwrap();
         for file in ["ca/ca.pem", "ca/ca.key", "join-token"] {
@@ -673,9 +686,7 @@ fn when_the_blobs_supernode_dies_mid_pull_the_next_one_takes_over() {
             )
             .unwrap();
         }
-        let second = Supernode::start(supernode_config(&b, &proxy, "127.0.0.1:0"))
-            .await
-            .unwrap();
+        let second = Supernode::start(config(&b)).await.unwrap();
         let addrs = [first.quic_addr, second.quic_addr];
         let ranked = shoal_daemon::swarm::rendezvous(&blob.digest, &addrs);
         let (doomed, survivor) = if ranked[0] == first.quic_addr {
@@ -724,6 +735,17 @@ fn when_the_blobs_supernode_dies_mid_pull_the_next_one_takes_over() {
         assert!(
             sent as f64 <= 2.2 * len as f64,
             "registry sent {sent} bytes for a {len}-byte blob"
+        );
+        let mut streamed = 0;
+        for (url, _) in &daemons {
+            let m = shoal::demo::metrics_text(&client, url).await.unwrap();
+            streamed += shoal::demo::stripe_bytes(&m);
+        }
+        println!("{streamed} bytes came on stripe streams");
+        assert_eq!(
+            streamed > 0,
+            stripes > 0,
+            "{streamed} bytes on stripe streams"
         );
     });
 }
