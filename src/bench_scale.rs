@@ -37,9 +37,9 @@ pub struct ScaleOutArgs {
     #[arg(long, default_value_t = 1)]
     pub supernodes: usize,
     /// Stripes per blob (shoal-supernode's --stripes): each node gets every stripe on one
-    /// stream from its feed in the stripe's tree, as the feed gets it (0: off; the sim of
-    /// a --cross-check then models it with --stripes)
-    #[arg(long, default_value_t = 0, value_name = "K")]
+    /// stream from its feed in the stripe's tree, as the feed gets it (0: off, nodes only
+    /// ask each other for pieces; the sim of a --cross-check models the same)
+    #[arg(long, default_value_t = 4, value_name = "K")]
     pub stripes: u32,
     /// Push the image to this registry (http://HOST:PORT) instead of starting one
     #[arg(long)]
@@ -216,9 +216,11 @@ pub fn sim_command(args: &ScaleOutArgs, run: &Run) -> Option<String> {
         } else {
             ""
         },
+        // With fewer nodes than stripes some stripe has no forwarder: the supernode names
+        // no feeds, and the nodes only ask each other.
         match args.stripes {
-            0 => String::new(),
-            k => format!(" --stripes {k}"),
+            k if k > 0 && k as usize <= args.nodes => format!(" --stripes {k}"),
+            _ => String::new(),
         }
     ))
 }

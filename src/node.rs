@@ -19,7 +19,7 @@ pub struct SupernodeArgs {
     #[arg(long = "insecure-registry")]
     pub insecure_registries: Vec<String>,
     /// Stripes per blob for stripe trees (0: off)
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 4)]
     pub stripes: u32,
 }
 

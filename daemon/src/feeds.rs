@@ -95,9 +95,9 @@ impl Feeds {
         self.streams.len() as u32
     }
 
-    /// Whether any stream runs.
+    /// Whether any stream runs, or what ended streams sent is still to be taken.
     pub fn is_active(&self) -> bool {
-        !self.tasks.is_empty()
+        !self.tasks.is_empty() || !self.rx.is_empty()
     }
 
     /// Whether a stream holds a piece until its hash comes: ask the supernode soon.
@@ -227,6 +227,7 @@ async fn stream(
     tx: mpsc::Sender<Event>,
 ) {
     let stripe = request.stripe;
+    let request_digest = request.digest;
     let read = async {
         let conn = swarm.conn(from).await.map_err(|e| e.to_string())?;
         let mut stream = tokio::time::timeout(OPEN_TIMEOUT, open_stripe(&conn, request, layout))
@@ -237,6 +238,7 @@ async fn stream(
             let Some((index, piece)) = stream.next().await.map_err(|e| e.to_string())? else {
                 return Ok(());
             };
+            tracing::trace!(digest = %request_digest, stripe, %from, piece = index.0, "stripe piece");
             if let Some(rate) = &swarm.download_rate {
                 rate.take(piece.len as u64).await;
             }

@@ -185,9 +185,10 @@ impl P2pFetch<'_> {
                         pushed: Some(stripe),
                     },
                     feeds::Event::Ended { stripe, from, why } => {
+                        let digest = req.digest;
                         match why {
-                            Some(why) => tracing::debug!(stripe, %from, %why, "stripe stream failed; its pieces come from parents"),
-                            None => tracing::debug!(stripe, %from, "stripe stream done"),
+                            Some(why) => tracing::debug!(%digest, stripe, %from, %why, "stripe stream failed; its pieces come from parents"),
+                            None => tracing::debug!(%digest, stripe, %from, "stripe stream done"),
                         }
                         planner.unfeed(stripe);
                         continue;
@@ -463,6 +464,7 @@ impl P2pFetch<'_> {
                 parent: addr,
                 piece,
             } => {
+                tracing::trace!(%digest, piece = piece.0, parent = %addr, "asking a parent");
                 let swarm = self.swarm.clone();
                 let len = layout.len_of(piece).unwrap_or(0);
                 let hashes = self

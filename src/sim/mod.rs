@@ -130,10 +130,10 @@ pub struct SimArgs {
     /// 2 pieces more than --max-upload-peers while its link runs under 90% used
     #[arg(long)]
     pub upload_link_known: bool,
-    /// Stripe trees, as shoal-supernode's --stripes K: each node gets every stripe on one
-    /// stream from its feed, which sends each piece it has checked unasked, and forwards
-    /// its own stripe to its children (0 = off: nodes ask each other for pieces). Not with
-    /// --supernode-dies-at
+    /// Stripe trees, as shoal-supernode's --stripes K (4 there by default): each node gets
+    /// every stripe on one stream from its feed, which sends each piece it has checked
+    /// unasked, and forwards its own stripe to its children (0 = off: nodes only ask each
+    /// other for pieces, as shoal-supernode --stripes 0). Not with --supernode-dies-at
     #[arg(long, alias = "push-stripes", default_value_t = 0, value_name = "K")]
     pub stripes: u32,
     /// Threads for the planners' decisions (0 = one per core); results do not depend on it

@@ -45,9 +45,10 @@ struct Cli {
     /// Trust the PEM CA in FILE for this registry (repeatable)
     #[arg(long = "registry-ca", value_name = "HOST=FILE")]
     registry_cas: Vec<String>,
-    /// Cut each blob into K stripes, each sent down a tree of nodes as pieces arrive
-    /// (0: off; nodes then only ask each other for pieces)
-    #[arg(long, env = "SHOAL_SUPERNODE_STRIPES", value_name = "K", default_value_t = 0,
+    /// Cut each blob into K stripes, each sent down a tree of nodes as pieces arrive;
+    /// nodes still ask each other for what a stripe's stream does not bring in time (0:
+    /// off, nodes only ask each other for pieces)
+    #[arg(long, env = "SHOAL_SUPERNODE_STRIPES", value_name = "K", default_value_t = 4,
           value_parser = parse_stripes)]
     stripes: u32,
 }

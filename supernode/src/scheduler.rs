@@ -371,7 +371,8 @@ impl Scheduler {
 
     /// Who sends `node` each stripe of `digest`, by address (a seed's for a stripe's
     /// root): the [`Task::feeds`](shoal_proto::message::Task) of its answers. Empty
-    /// without stripes, or for a node not in the trees.
+    /// without stripes, for a node not in the trees, and while some stripe has no
+    /// forwarder (fewer nodes than stripes): the nodes then only ask each other.
     pub fn feeds(&self, node: NodeId, digest: &BlobDigest) -> Vec<SocketAddr> {
         let Some(trees) = self.stripe_trees(digest) else {
             return Vec::new();
