@@ -167,7 +167,7 @@ impl P2pFetch<'_> {
                 break;
             }
             // With stripes, pieces on their way on streams keep a node busy: it asks every
-            // REFRESH, not whenever nothing is in flight (`shoal sim --push-stripes`, 10,000
+            // REFRESH, not whenever nothing is in flight (`shoal sim --stripes`, 10,000
             // x 1 GiB: asking whenever idle, the seed's link carried 8 times the answers).
             let hungry =
                 planner.in_flight() == 0 && (!feeds.is_active() || feeds.waiting_for_hashes());

@@ -460,7 +460,7 @@ pub struct Task {
     /// `i % feeds.len()`), unasked, as it gets them ([`StreamKind::Stripe`]). Empty
     /// without stripes. `None` when they are the ones the node's `Want` named by their
     /// [`feeds_tag`]: a node that asks every 200 ms is not sent the same addresses each
-    /// time, and a lost answer loses no move (`shoal sim --push-stripes 4`, 10,000 x 1 GiB
+    /// time, and a lost answer loses no move (`shoal sim --stripes 4`, 10,000 x 1 GiB
     /// on 3 supernodes: 56 MiB of answers with them every time, and p50 1.11x S/B).
     pub feeds: Option<Vec<SocketAddr>>,
 }

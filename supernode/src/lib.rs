@@ -4,8 +4,8 @@
 //! # Layout
 //! - [`scheduler`]: the sans-IO scheduling core. Events and the current time in, decisions
 //!   out; no sockets, no clock of its own, so tests and `shoal sim` drive the same code.
-//! - [`stripes`]: stripe trees, who forwards which stripe of a blob to whom (sans-IO; so
-//!   far only `shoal sim --push-stripes` drives it).
+//! - [`stripes`]: stripe trees, who forwards which stripe of a blob to whom (sans-IO; the
+//!   scheduler keeps one per blob with `--stripes`, and names each node's feeds).
 //! - [`seed`]: fetches a blob from the registry once, publishing piece hashes as they come.
 //! - [`server`]: the drivers: QUIC control and seed pieces, the HTTP API, joining nodes.
 #![forbid(unsafe_code)]

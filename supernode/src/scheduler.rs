@@ -55,7 +55,7 @@ pub struct SchedulerConfig {
     /// pieces only it holds (see [`Scheduler::parents`]).
     pub seed_offer: usize,
     /// Stripes of each task's [`StripeTrees`], which every node that wants the blob joins
-    /// (0: none): `shoal-supernode --stripes`, `shoal sim --push-stripes`.
+    /// (0: none): `shoal-supernode --stripes`, `shoal sim --stripes`.
     pub stripes: u32,
 }
 

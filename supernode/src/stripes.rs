@@ -6,8 +6,8 @@
 //! `(j - 1) / k`. Every other node hangs under a forwarder of that stripe as a leaf. A
 //! forwarder then sends its stripe to at most `k` children at 1/k of the stripe's rate
 //! each, its whole upload, and every node receives each stripe from one parent at 1/k of
-//! its download: both links full, trees `log_k(nodes / k)` deep (`shoal sim
-//! --push-stripes`, docs/benchmarks.md).
+//! its download: both links full, trees `log_k(nodes / k)` deep (`shoal-supernode
+//! --stripes`, `shoal sim --stripes`, docs/benchmarks.md).
 //!
 //! Joins and leaves keep the trees whole:
 //! - a node joins as a forwarder of the stripe with the fewest, at the next position; if
