@@ -699,7 +699,7 @@ mod tests {
         assert_eq!(
             command,
             "shoal sim --nodes 20 --image-size 67108864 --layers 2 --bandwidth 50000000bit \
-             --supernodes 1 --rtt-ms 53 --supernode-rtt-ms 65 --max-upload-peers 5"
+             --supernodes 1 --rtt-ms 53 --supernode-rtt-ms 65 --max-upload-peers 5 --stripes 4"
         );
         // The command is one the sim takes.
         let sim = sim_args(&command).unwrap();
@@ -708,7 +708,19 @@ mod tests {
             (20, 64 << 20, 6_250_000)
         );
         assert_eq!((sim.rtt_ms, sim.supernode_rtt_ms), (53.0, 65.0));
-        assert_eq!(sim.max_upload_peers, 5);
+        assert_eq!((sim.max_upload_peers, sim.stripes), (5, 4));
+        // Without stripes, or with fewer nodes than stripes (the supernode then names no
+        // feeds), the sim models nodes that only ask each other.
+        for extra in [["--stripes", "0"], ["--stripes", "32"]] {
+            let cli = Cli::try_parse_from(
+                std::iter::once("bench")
+                    .chain(flags.split_whitespace())
+                    .chain(extra.iter().copied()),
+            )
+            .unwrap();
+            let command = sim_command(&cli.bench, &run).unwrap();
+            assert_eq!(sim_args(&command).unwrap().stripes, 0, "{command}");
+        }
         // The nodes' upload slots, when set, go to the sim too.
         let cli = Cli::try_parse_from(
             std::iter::once("bench")
@@ -717,7 +729,7 @@ mod tests {
         )
         .unwrap();
         let command = sim_command(&cli.bench, &run).unwrap();
-        assert!(command.ends_with("--max-upload-peers 3"), "{command}");
+        assert!(command.contains("--max-upload-peers 3 "), "{command}");
         assert_eq!(sim_args(&command).unwrap().max_upload_peers, 3);
         assert!(!sim_args(&command).unwrap().upload_link_known);
         // Nodes told their link: so is the sim.
