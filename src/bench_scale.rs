@@ -219,8 +219,8 @@ pub fn sim_command(args: &ScaleOutArgs, run: &Run) -> Option<String> {
         // With fewer nodes than stripes some stripe has no forwarder: the supernode names
         // no feeds, and the nodes only ask each other.
         match args.stripes {
-            k if k > 0 && k as usize <= args.nodes => format!(" --stripes {k}"),
-            _ => String::new(),
+            k if k as usize <= args.nodes => format!(" --stripes {k}"),
+            _ => " --stripes 0".to_owned(),
         }
     ))
 }
@@ -708,7 +708,7 @@ mod tests {
             (20, 64 << 20, 6_250_000)
         );
         assert_eq!((sim.rtt_ms, sim.supernode_rtt_ms), (53.0, 65.0));
-        assert_eq!((sim.max_upload_peers, sim.stripes), (5, 4));
+        assert_eq!((sim.max_upload_peers, sim.stripes_run()), (5, 4));
         // Without stripes, or with fewer nodes than stripes (the supernode then names no
         // feeds), the sim models nodes that only ask each other.
         for extra in [["--stripes", "0"], ["--stripes", "32"]] {
@@ -719,7 +719,8 @@ mod tests {
             )
             .unwrap();
             let command = sim_command(&cli.bench, &run).unwrap();
-            assert_eq!(sim_args(&command).unwrap().stripes, 0, "{command}");
+            assert!(command.ends_with(" --stripes 0"), "{command}");
+            assert_eq!(sim_args(&command).unwrap().stripes_run(), 0, "{command}");
         }
         // The nodes' upload slots, when set, go to the sim too.
         let cli = Cli::try_parse_from(

@@ -130,18 +130,30 @@ pub struct SimArgs {
     /// 2 pieces more than --max-upload-peers while its link runs under 90% used
     #[arg(long)]
     pub upload_link_known: bool,
-    /// Stripe trees, as shoal-supernode's --stripes K (4 there by default): each node gets
-    /// every stripe on one stream from its feed, which sends each piece it has checked
-    /// unasked, and forwards its own stripe to its children (0 = off: nodes only ask each
-    /// other for pieces, as shoal-supernode --stripes 0). Not with --supernode-dies-at
-    #[arg(long, alias = "push-stripes", default_value_t = 0, value_name = "K")]
-    pub stripes: u32,
+    /// Stripe trees, as shoal-supernode's --stripes K: each node gets every stripe on one
+    /// stream from its feed, which sends each piece it has checked unasked, and forwards
+    /// its own stripe to its children (0 = off: nodes only ask each other for pieces).
+    /// Default 4, as shoal-supernode; 0 with --supernode-dies-at (not modelled with
+    /// stripes). With fewer nodes than stripes, none, as shoal-supernode names no feeds then
+    #[arg(long, alias = "push-stripes", value_name = "K")]
+    pub stripes: Option<u32>,
     /// Threads for the planners' decisions (0 = one per core); results do not depend on it
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
 }
 
 impl SimArgs {
+    /// The stripes the swarm runs with: as given (4 when not, or 0 with a supernode that
+    /// dies), and none when there are fewer nodes than stripes, as shoal-supernode does.
+    pub fn stripes_run(&self) -> u32 {
+        let k = match self.stripes {
+            Some(k) => k,
+            None if self.supernode_dies_at.is_some() => 0,
+            None => DEFAULT_STRIPES,
+        };
+        if k as usize > self.nodes { 0 } else { k }
+    }
+
     fn apply_scenario(&mut self) {
         if let Some(Scenario::Kraken) = self.scenario {
             self.nodes = 2600;
@@ -183,15 +195,15 @@ impl SimArgs {
             (1..=MAX_SUPERNODES).contains(&self.supernodes),
             "--supernodes must be between 1 and {MAX_SUPERNODES}"
         );
+        let k = self.stripes.unwrap_or(0);
         anyhow::ensure!(
-            self.stripes == 0
-                || ((2..=MAX_STRIPES).contains(&self.stripes)
-                    && self.stripes as usize <= self.nodes),
-            "--stripes must be 0 (off) or between 2 and {MAX_STRIPES} and at most --nodes"
+            k == 0 || (2..=MAX_STRIPES).contains(&k),
+            "--stripes must be 0 (off) or between 2 and {MAX_STRIPES}"
         );
         anyhow::ensure!(
-            self.stripes == 0 || self.supernode_dies_at.is_none(),
-            "--stripes does not model a supernode that dies: no --supernode-dies-at"
+            k == 0 || self.supernode_dies_at.is_none(),
+            "--stripes does not model a supernode that dies: --supernode-dies-at needs \
+             --stripes 0 (or no --stripes)"
         );
         anyhow::ensure!(
             self.max_upload_peers > 0,
@@ -252,8 +264,9 @@ const MAX_NODES: usize = 1_000_000;
 /// Supernodes a sim runs (each seed's address holds its index in a byte).
 const MAX_SUPERNODES: usize = 255;
 const MAX_THREADS: usize = 1024;
-/// Stripes of `--stripes`, as shoal-supernode takes them.
+/// Stripes of `--stripes`, as shoal-supernode takes them, and its default.
 const MAX_STRIPES: u32 = shoal_proto::message::MAX_STRIPES;
+const DEFAULT_STRIPES: u32 = 4;
 const MAX_SECONDS: f64 = 3600.0;
 /// Steps of the model in the time the pull takes at best (the default step makes 4 per
 /// piece of a node's pull).
@@ -696,7 +709,7 @@ impl Sim {
         let sns = (0..args.supernodes)
             .map(|k| {
                 let mut scheduler = Scheduler::new(SchedulerConfig {
-                    stripes: args.stripes,
+                    stripes: args.stripes_run(),
                     ..SchedulerConfig::default()
                 });
                 let seed = seed_id(k);
@@ -789,9 +802,9 @@ impl Sim {
             offers_sent: 0,
             held: Vec::new(),
             outbound: VecDeque::new(),
-            push: (args.stripes > 0).then(|| {
+            push: (args.stripes_run() > 0).then(|| {
                 let ids = (0..n as u32).map(node_id);
-                push::Push::new(args.stripes, ids, n * args.layers)
+                push::Push::new(args.stripes_run(), ids, n * args.layers)
             }),
             finished_with_hashes: 0,
         })
@@ -2009,7 +2022,7 @@ mod tests {
     #[test]
     fn push_trees_send_each_piece_once_per_node_and_the_seed_sends_the_image_once() {
         let args = "--nodes 40 --image-size 32MiB --layers 2 --bandwidth 100mbit";
-        let mesh = sim(args).shoal;
+        let mesh = sim(&format!("{args} --stripes 0")).shoal;
         let run = sim(&format!("{args} --stripes 4"));
         let push = &run.shoal;
         assert_eq!(push.failures, 0, "{}", run.table());
@@ -2122,7 +2135,8 @@ mod tests {
 
     #[test]
     fn upload_slots_set_how_many_pieces_a_node_sends_at_once() {
-        let flags = "--nodes 20 --image-size 16MiB --layers 2 --bandwidth 50mbit --baseline=";
+        let flags =
+            "--nodes 20 --image-size 16MiB --layers 2 --bandwidth 50mbit --baseline= --stripes 0";
         let four = sim(flags);
         let one = sim(&format!("{flags} --max-upload-peers 1"));
         for run in [&four, &one] {
@@ -2145,7 +2159,7 @@ mod tests {
 
     #[test]
     fn a_node_that_knows_its_link_sends_beyond_its_slots_while_it_has_room() {
-        let flags = "--nodes 20 --image-size 16MiB --layers 2 --bandwidth 50mbit --baseline= \
+        let flags = "--nodes 20 --image-size 16MiB --layers 2 --bandwidth 50mbit --baseline= --stripes 0 \
                      --max-upload-peers 1";
         let slots = sim(flags);
         let link = sim(&format!("{flags} --upload-link-known"));
@@ -2167,7 +2181,8 @@ mod tests {
 
     #[test]
     fn round_trips_slow_the_swarm_and_lose_nothing() {
-        let flags = "--nodes 20 --image-size 16MiB --layers 2 --bandwidth 50mbit --baseline=";
+        let flags =
+            "--nodes 20 --image-size 16MiB --layers 2 --bandwidth 50mbit --baseline= --stripes 0";
         let instant = sim(flags);
         let slow = sim(&format!("{flags} --rtt-ms 80"));
         let with_leavers = sim(&format!(
@@ -2193,7 +2208,8 @@ mod tests {
 
     #[test]
     fn slow_supernode_answers_slow_the_swarm_and_lose_nothing() {
-        let flags = "--nodes 20 --image-size 16MiB --layers 2 --bandwidth 50mbit --baseline=";
+        let flags =
+            "--nodes 20 --image-size 16MiB --layers 2 --bandwidth 50mbit --baseline= --stripes 0";
         let instant = sim(flags);
         let slow = sim(&format!("{flags} --supernode-rtt-ms 150"));
         // Answers on their way when the supernode dies are lost with it.
