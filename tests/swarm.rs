@@ -108,70 +108,30 @@ async fn daemon(
     (daemon.url.clone(), daemon)
 }
 
-/// (a) 1 supernode + 8 daemons, all GET one 64 MiB blob at once: all get the right bytes,
-/// the registry sends at most 1.05 x the blob, and the daemons got bytes from peers.
-#[test]
-fn eight_daemons_pull_one_blob_and_the_registry_sends_it_about_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let registry = Registry::start(dir.path(), &[]);
-    let blob = random_blob(64 << 20, 1);
-    let rt = rt();
-    rt.block_on(async {
-        let client = reqwest::Client::new();
-        shoal::registry::push_blob(&client, &registry.url(), REPO, &blob, None).await.unwrap();
-        let before = registry.blob_bytes_sent();
-        let sn = supernode(dir.path(), &registry).await;
-        let supernodes = vec![sn.quic_addr.to_string()];
-        let token = sn.join_token.to_string();
-        let mut daemons = Vec::new();
-        for i in 0..8 {
-            daemons.push(daemon(dir.path(), i, &registry.addr, &supernodes, &token).await);
-        }
-        let digest = blob.digest;
-        let urls: Vec<String> =
-            daemons.iter().map(|(url, _)| format!("{url}/v2/{REPO}/blobs/{digest}?ns={}", registry.addr)).collect();
-        for r in tokio::time::timeout(HANG, fetch_all_verified(&client, &urls, &digest)).await.expect("pulls hung") {
-            r.unwrap();
-        }
-        let sent = registry.blob_bytes_sent() - before;
-        let len = blob.bytes.len() as u64;
-        let mut from_peers = 0;
-        let mut from_seed = 0;
-        for (url, _) in &daemons {
-            let m = shoal::demo::metrics_text(&client, url).await.unwrap();
-            from_peers += shoal::demo::fetched_from(&m, "Peer");
-            from_seed += shoal::demo::fetched_from(&m, "Seed");
-        }
-        let m = shoal::demo::metrics_text(&client, &format!("http://{}", sn.api_addr)).await.unwrap();
-        let answers = shoal::demo::supernode_answer_bytes(&m);
-        println!("registry sent {sent} bytes for a {len}-byte blob; daemons got {from_peers} from peers, {from_seed} from the seed; the supernode answered with {answers} bytes");
-        // Every daemon asked at least once and got the blob's group hashes: 32 bytes a
-        // group (here of one piece).
-        let groups = shoal_proto::PieceLayout::for_blob(len).unwrap().groups() as u64;
-        assert!(answers >= 8 * 32 * groups, "{answers} bytes of answers\n{m}");
-        assert!(sent as f64 <= 1.05 * len as f64, "registry sent {sent} bytes for a {len}-byte blob");
-        assert!(from_peers > 0, "no bytes came from peers");
-        drop(sn);
-    });
+/// What 8 daemons pulling one blob at once left behind.
+struct EightPulls {
+    len: u64,
+    /// Blob bytes the registry sent for the pulls.
+    registry_sent: u64,
+    /// Each daemon's `/metrics`, and the supernode's.
+    daemons: Vec<String>,
+    supernode: String,
 }
 
-/// With stripe trees (`--stripes 4`), 8 daemons pull one 64 MiB blob at once: each gets
-/// most of it unasked on its stripe streams, the seed sends the blob about once, and the
-/// registry too.
-#[test]
-fn eight_daemons_pull_one_blob_down_stripe_trees() {
+/// 1 supernode (with `stripes`) and 8 daemons, all GET one 64 MiB blob at once; every
+/// pull must get the right bytes.
+fn eight_daemons_pull(stripes: u32, seed: u8) -> EightPulls {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(dir.path(), &[]);
-    let blob = random_blob(64 << 20, 3);
-    let rt = rt();
-    rt.block_on(async {
+    let blob = random_blob(64 << 20, seed);
+    rt().block_on(async {
         let client = reqwest::Client::new();
         shoal::registry::push_blob(&client, &registry.url(), REPO, &blob, None)
             .await
             .unwrap();
         let before = registry.blob_bytes_sent();
         let config = SupernodeConfig {
-            stripes: 4,
+            stripes,
             ..supernode_config(dir.path(), &registry.addr, "127.0.0.1:0")
         };
         let sn = Supernode::start(config).await.unwrap();
@@ -190,29 +150,85 @@ fn eight_daemons_pull_one_blob_down_stripe_trees() {
         for r in tokio::time::timeout(HANG, pulls).await.expect("pulls hung") {
             r.unwrap();
         }
-        let sent = registry.blob_bytes_sent() - before;
-        let len = blob.bytes.len() as u64;
-        let (mut streamed, mut fetched) = (Vec::new(), 0);
+        let registry_sent = registry.blob_bytes_sent() - before;
+        let mut metrics = Vec::new();
         for (url, _) in &daemons {
-            let m = shoal::demo::metrics_text(&client, url).await.unwrap();
-            streamed.push(shoal::demo::stripe_bytes(&m));
-            fetched += shoal::demo::fetched_from(&m, "Peer") + shoal::demo::fetched_from(&m, "Seed");
+            metrics.push(shoal::demo::metrics_text(&client, url).await.unwrap());
         }
-        let m = shoal::demo::metrics_text(&client, &format!("http://{}", sn.api_addr)).await.unwrap();
-        let seed = shoal::demo::supernode_seed_bytes(&m);
-        println!("registry sent {sent} bytes for a {len}-byte blob; the seed {seed}; bytes on stripe streams per node: {streamed:?}; {fetched} from peers and the seed in all");
-        assert!(sent as f64 <= 1.05 * len as f64, "registry sent {sent} bytes for a {len}-byte blob");
-        let total: u64 = streamed.iter().sum();
-        assert!(
-            total as f64 >= 0.5 * (8 * len) as f64,
-            "at least half of all bytes came on stripe streams: {streamed:?}"
-        );
-        assert!(
-            (seed as f64) < 2.0 * len as f64,
-            "the seed sent {seed} bytes for a {len}-byte blob"
-        );
-        drop(sn);
-    });
+        let api = format!("http://{}", sn.api_addr);
+        EightPulls {
+            len: blob.bytes.len() as u64,
+            registry_sent,
+            daemons: metrics,
+            supernode: shoal::demo::metrics_text(&client, &api).await.unwrap(),
+        }
+    })
+}
+
+/// (a) 1 supernode + 8 daemons, all GET one 64 MiB blob at once: all get the right bytes,
+/// the registry sends at most 1.05 x the blob, and the daemons got bytes from peers.
+#[test]
+fn eight_daemons_pull_one_blob_and_the_registry_sends_it_about_once() {
+    let run = eight_daemons_pull(0, 1);
+    let (sent, len) = (run.registry_sent, run.len);
+    let from_peers: u64 = run
+        .daemons
+        .iter()
+        .map(|m| shoal::demo::fetched_from(m, "Peer"))
+        .sum();
+    let from_seed: u64 = run
+        .daemons
+        .iter()
+        .map(|m| shoal::demo::fetched_from(m, "Seed"))
+        .sum();
+    let answers = shoal::demo::supernode_answer_bytes(&run.supernode);
+    println!(
+        "registry sent {sent} bytes for a {len}-byte blob; daemons got {from_peers} from peers, {from_seed} from the seed; the supernode answered with {answers} bytes"
+    );
+    // Every daemon asked at least once and got the blob's group hashes: 32 bytes a group
+    // (here of one piece).
+    let groups = shoal_proto::PieceLayout::for_blob(len).unwrap().groups() as u64;
+    assert!(
+        answers >= 8 * 32 * groups,
+        "{answers} bytes of answers\n{}",
+        run.supernode
+    );
+    assert!(
+        sent as f64 <= 1.05 * len as f64,
+        "registry sent {sent} bytes for a {len}-byte blob"
+    );
+    assert!(from_peers > 0, "no bytes came from peers");
+}
+
+/// With stripe trees (`--stripes 4`), 8 daemons pull one 64 MiB blob at once: each gets
+/// most of it unasked on its stripe streams, the seed sends the blob about once, and the
+/// registry too.
+#[test]
+fn eight_daemons_pull_one_blob_down_stripe_trees() {
+    let run = eight_daemons_pull(4, 3);
+    let (sent, len) = (run.registry_sent, run.len);
+    let streamed: Vec<u64> = run
+        .daemons
+        .iter()
+        .map(|m| shoal::demo::stripe_bytes(m))
+        .collect();
+    let seed = shoal::demo::supernode_seed_bytes(&run.supernode);
+    println!(
+        "registry sent {sent} bytes for a {len}-byte blob; the seed {seed}; bytes on stripe streams per node: {streamed:?}"
+    );
+    assert!(
+        sent as f64 <= 1.05 * len as f64,
+        "registry sent {sent} bytes for a {len}-byte blob"
+    );
+    let total: u64 = streamed.iter().sum();
+    assert!(
+        total as f64 >= 0.5 * (8 * len) as f64,
+        "at least half of all bytes came on stripe streams: {streamed:?}"
+    );
+    assert!(
+        (seed as f64) < 2.0 * len as f64,
+        "the seed sent {seed} bytes for a {len}-byte blob"
+    );
 }
 
 /// A node that holds a whole blob (its pull over, the blob in its store) passes on the

@@ -97,11 +97,18 @@ pub async fn serve_stripe(
     // Pieces the asker has, or was sent: never sent (again).
     let mut skip = request.have.clone();
     let mut hashes_sent_for = None;
+    let mut held: Option<PieceSet> = None;
     loop {
         news.borrow_and_update();
-        let Some((_, held)) = holder.held(&request.digest) else {
-            return refuse(&mut send, PeerReply::Missing).await;
-        };
+        // A blob held whole stays whole while the stream runs: not looked up again (a
+        // stored blob's lookup opens its file).
+        if !held.as_ref().is_some_and(PieceSet::is_full) {
+            let Some((_, now)) = holder.held(&request.digest) else {
+                return refuse(&mut send, PeerReply::Missing).await;
+            };
+            held = Some(now);
+        }
+        let held = held.as_ref().expect("looked up above");
         let mut unsent = (request.stripe..layout.count())
             .step_by(request.stripes as usize)
             .map(PieceIndex)
